@@ -1,0 +1,195 @@
+"""The ``pyro-vae`` command line: a thin front end over the Python API.
+
+Subcommands are listed in :data:`COMMANDS` (name -> (add arguments, run)).
+Bad input (:class:`~pyro_vae.errors.UserError`, or an argument argparse
+rejects) prints one line to stderr and exits with code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from .errors import NonFiniteLossError, TrainingInterrupted, UserError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# --- train ----------------------------------------------------------------------
+
+# flag -> dotted config key
+_TRAIN_FLAGS: dict[str, str] = {
+    "dataset": "data.name",
+    "data_dir": "data.data_dir",
+    "binarize": "data.binarize",
+    "latent_dim": "model.latent_dim",
+    "likelihood": "model.likelihood.name",
+    "prior": "model.prior.name",
+    "guide": "model.guide.name",
+    "elbo": "train.elbo",
+    "num_particles": "train.num_particles",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+}
+_RESUMABLE = {"epochs", "device"}
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="run config (TOML); flags override it")
+    p.add_argument("--dataset", help="dataset name or npz:PATH (see `pyro-vae list`)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with local data files")
+    p.add_argument("--binarize", choices=["auto", "dynamic", "static", "none"])
+    p.add_argument("--latent-dim", type=int, metavar="D")
+    p.add_argument("--likelihood", help="likelihood name (see `pyro-vae list`)")
+    p.add_argument("--prior", help="prior name (see `pyro-vae list`)")
+    p.add_argument("--guide", help="guide name (see `pyro-vae list`)")
+    p.add_argument("--elbo", help="objective: trace (Monte Carlo KL) or meanfield (analytic KL)")
+    p.add_argument("--num-particles", type=int, metavar="P")
+    p.add_argument("--epochs", type=int, metavar="N")
+    p.add_argument("--batch-size", type=int, metavar="B")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key, e.g. --set model.likelihood.scale=0.1",
+    )
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/DATASET-TIME)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from . import fit, resume
+    from .config import Config, parse_override
+    from .errors import ConfigError
+
+    given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    progress, log = (False, None) if args.quiet else (True, print)
+    if args.resume:
+        extra = sorted(set(given) - _RESUMABLE) + (["config"] if args.config else [])
+        extra += ["set"] if args.set else []
+        extra += ["out"] if args.out else []
+        if extra:
+            flag = "--" + extra[0].replace("_", "-")
+            raise ConfigError(
+                f"{flag} cannot change a run being resumed; only --epochs and --device can"
+            )
+        result = resume(
+            args.resume, epochs=args.epochs, device=args.device, progress=progress, log=log
+        )
+        out = Path(args.resume)
+    else:
+        config = Config.load(args.config) if args.config else Config()
+        overrides = dict(parse_override(s) for s in args.set)
+        overrides.update({_TRAIN_FLAGS[k]: v for k, v in given.items()})
+        config = config.override(overrides)
+        name = config.data.name.removeprefix("npz:").replace("/", "_")
+        out = (
+            Path(args.out)
+            if args.out
+            else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        result = fit(config, out, progress=progress, log=log)
+    if result.history and not args.quiet:
+        first, last = result.history[0], result.history[-1]
+        print(
+            f"test ELBO {first['test_elbo']:.2f} (epoch {first['epoch']}) -> "
+            f"{last['test_elbo']:.2f} (epoch {last['epoch']}) nats per datum"
+        )
+    print(f"run saved in {out}; load it with pyro_vae.load({str(out)!r})")
+    return 0
+
+
+# --- list -----------------------------------------------------------------------
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from .data import dataset_names
+    from .nets import ACTIVATIONS
+    from .registry import GUIDES, LIKELIHOODS, NETWORKS, OBJECTIVES, PRIORS
+
+    sections = {
+        "datasets": dataset_names(),
+        "priors": PRIORS.names(),
+        "guides": GUIDES.names(),
+        "likelihoods": LIKELIHOODS.names(),
+        "networks": NETWORKS.names(),
+        "activations": list(ACTIVATIONS),
+        "objectives": OBJECTIVES.names(),
+    }
+    for title, names in sections.items():
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+#: Subcommand name -> (help, add its arguments, run it).
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "train": ("train a VAE by SVI", _add_train, _run_train),
+    "list": ("list datasets, priors, guides, likelihoods and objectives", _add_list, _run_list),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
+    import pyro_vae  # noqa: F401  (registers every component)
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingInterrupted as e:
+        print(f"pyro-vae {args.command}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteLossError as e:
+        print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Run configuration: frozen dataclasses with a TOML round trip.
+
+A run is described by a TOML file with the sections ``[data]``, ``[model]``
+(``latent_dim``), ``[model.prior]``, ``[model.guide]``,
+``[model.likelihood]``, ``[model.encoder]``, ``[model.decoder]`` and
+``[train]``. Each component section has a ``name`` (looked up in the
+registries of :mod:`pyro_vae.registry`) plus that component's own keys::
+
+    [model.likelihood]
+    name = "normal"
+    scale = 0.1
+
+:func:`resolve` fills in every default and validates every key before any
+training starts, so the saved ``config.toml`` is complete and rebuilds the
+same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import ConfigError
+from .registry import _check_type
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BINARIZE_MODES = ("auto", "dynamic", "static", "none")
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """A registry name plus that component's own options.
+
+    Args:
+        name: The registered name (e.g. ``"bernoulli"``).
+        options: Keyword options of the component (e.g. ``{"scale": 0.1}``).
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", dict(self.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML table form: ``{"name": ..., **options}``."""
+        return {"name": self.name, **self.options}
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any], where: str) -> ComponentConfig:
+        """Parse a TOML table; ``where`` names the section in error messages."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table with a 'name' key, got {table!r}")
+        if "name" not in table:
+            raise ConfigError(f"{where}: missing required key 'name'")
+        name = table["name"]
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name: expected str, got {type(name).__name__} {name!r}")
+        return cls(name, {k: v for k, v in table.items() if k != "name"})
+
+
+def _mlp(hidden: list[int]) -> ComponentConfig:
+    return ComponentConfig("mlp", {"hidden": hidden, "activation": "relu"})
+
+
+class _Section:
+    """Mixin: type and range checks from the dataclass annotations."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_type(getattr(self, f.name), hints[f.name], f"{self._section}.{f.name}")
+        self._check()
+
+    _section = ""
+
+    def _check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Which data to train on and how to binarize it.
+
+    Args:
+        name: A registered dataset (``digits``, ``binarized-mnist``, ``mnist``,
+            ``fashion-mnist``) or ``npz:PATH``.
+        data_dir: Folder with local files; default ``$PYRO_VAE_DATA`` or a cache.
+        binarize: ``dynamic`` (a fresh Bernoulli draw of the pixels at every
+            batch), ``static`` (one fixed draw), ``none``, or ``auto``
+            (``dynamic`` when the likelihood's support is {0, 1} and the data
+            are not binary, else ``none``).
+        binarize_seed: Seed of the fixed draw used for static binarization and
+            for the evaluation splits, so test numbers compare across runs.
+        download: Whether a missing dataset may be downloaded.
+    """
+
+    name: str = "digits"
+    data_dir: str | None = None
+    binarize: str = "auto"
+    binarize_seed: int = 0
+    download: bool = True
+    _section = "data"
+
+    def _check(self) -> None:
+        if self.binarize not in BINARIZE_MODES:
+            raise ConfigError(
+                f"data.binarize: unknown mode {self.binarize!r}; valid: {', '.join(BINARIZE_MODES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The VAE: latent size and one component config per part."""
+
+    latent_dim: int = 16
+    prior: ComponentConfig = ComponentConfig("standard-normal")
+    guide: ComponentConfig = ComponentConfig("mean-field")
+    likelihood: ComponentConfig = ComponentConfig("bernoulli")
+    encoder: ComponentConfig = _mlp([400])
+    decoder: ComponentConfig = _mlp([400])
+    _section = "model"
+
+    def _check(self) -> None:
+        if self.latent_dim < 1:
+            raise ConfigError(f"model.latent_dim must be >= 1, got {self.latent_dim}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Optimization settings.
+
+    Args:
+        elbo: Objective name (``trace``: Monte Carlo KL; ``meanfield``: analytic KL).
+        num_particles: Samples of z per datum in the ELBO estimate (vectorized).
+        epochs: Passes over the training data.
+        batch_size: Minibatch size.
+        lr: Adam learning rate.
+        seed: Seed of every random draw of the run.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    elbo: str = "meanfield"
+    num_particles: int = 1
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    _section = "train"
+
+    def _check(self) -> None:
+        for key in ("num_particles", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
+            raise ConfigError(f"train.device: unknown device {self.device!r}; valid: cpu, cuda")
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: ``data``, ``model`` and ``train`` sections."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict, the TOML document; ``None`` values are left out."""
+        out: dict[str, Any] = {}
+        for section in _SECTIONS:
+            table: dict[str, Any] = {}
+            for f in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, ComponentConfig):
+                    value = value.to_dict()
+                if value is not None:
+                    table[f.name] = value
+            out[section] = table
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Config:
+        """Parse the nested dict form; unknown sections or keys are errors."""
+        unknown = sorted(set(doc) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown config section [{unknown[0]}]; valid sections: {', '.join(_SECTIONS)}"
+            )
+        sections = {}
+        for section, klass in _SECTIONS.items():
+            table = doc.get(section, {})
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"[{section}] must be a table, got {table!r}")
+            fields = {f.name: f for f in dataclasses.fields(klass)}
+            extra = sorted(set(table) - set(fields))
+            if extra:
+                raise ConfigError(
+                    f"{section}: unknown key {extra[0]!r}; valid keys: {', '.join(fields)}"
+                )
+            kwargs = {}
+            for key, value in table.items():
+                if isinstance(klass.__dataclass_fields__[key].default, ComponentConfig):
+                    value = ComponentConfig.from_dict(value, f"{section}.{key}")
+                kwargs[key] = value
+            sections[section] = klass(**kwargs)
+        return cls(**sections)
+
+    def to_toml(self) -> str:
+        """The TOML document."""
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        """Parse a TOML document."""
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"invalid TOML: {e}") from None
+        return cls.from_dict(doc)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the TOML document to ``path`` atomically."""
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), self.to_toml().encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Config:
+        """Read a TOML config file."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        return cls.from_toml(text)
+
+    def override(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted keys replaced, e.g. ``{"train.epochs": 5}``.
+
+        Setting a component's ``name`` to a different name drops that
+        component's old options (they belong to the old component), except
+        options set in the same call.
+        """
+        doc = self.to_dict()
+        for dotted, value in overrides.items():
+            *path, key = dotted.split(".")
+            if not path:
+                raise ConfigError(f"--set {dotted}: expected section.key=value")
+            table = doc
+            for part in path:
+                if not isinstance(table.get(part, {}), dict):
+                    raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+                table = table.setdefault(part, {})
+            if key == "name" and table.get("name") != value:
+                prefix = ".".join(path) + "."
+                kept = {k.removeprefix(prefix) for k in overrides if k.startswith(prefix)}
+                for old in [k for k in table if k not in kept]:
+                    del table[old]
+            table[key] = value
+        return Config.from_dict(doc)
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else as a string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

@@ -1,0 +1,180 @@
+"""Explicit name-to-component registries.
+
+Every swappable part of a VAE (network, prior, guide, likelihood, objective,
+dataset) is looked up by name in one of the registries below, never through
+``if name == ...`` branches. An entry is a class with a ``from_config``
+classmethod, or a plain function; its keyword arguments (after the build
+context) are the options that a config section may set.
+
+Example:
+    >>> from pyro_vae.registry import PRIORS
+    >>> "standard-normal" in PRIORS.names()
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_CONTEXT_PARAMS = {"self", "cls", "ctx"}
+
+
+class Registry(Generic[T]):
+    """A named collection of components of one kind.
+
+    Args:
+        kind: What the entries are ("prior", "guide", ...), used in messages.
+        context: Names of keyword arguments that the builder supplies (not
+            options a user may set), e.g. ``("in_shape", "out_features")``.
+    """
+
+    def __init__(self, kind: str, context: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.context = frozenset(context) | _CONTEXT_PARAMS
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that adds an entry under ``name``; names must be unique."""
+
+        def decorator(entry: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = entry
+            return entry
+
+        return decorator
+
+    def names(self) -> list[str]:
+        """The registered names, in registration order."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> T:
+        """The entry registered as ``name``.
+
+        Raises:
+            ConfigError: if no entry has that name; the message lists valid names.
+        """
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            valid = ", ".join(self.names())
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+
+    def factory(self, name: str) -> Callable[..., Any]:
+        """The callable that builds entry ``name`` (its ``from_config`` if it has one)."""
+        entry = self.get(name)
+        return getattr(entry, "from_config", entry)  # type: ignore[return-value]
+
+    def options(self, name: str) -> dict[str, inspect.Parameter]:
+        """The user-settable options of entry ``name``, as signature parameters."""
+        params = inspect.signature(self.factory(name)).parameters
+        return {
+            key: p
+            for key, p in params.items()
+            if key not in self.context and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+
+    def resolve(self, name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Check ``options`` against entry ``name`` and fill in defaults.
+
+        Args:
+            name: The registered name.
+            options: The options given in the config.
+            where: The config section, for messages (e.g. ``"model.prior"``).
+
+        Returns:
+            Every option of the entry, with defaults where not given.
+
+        Raises:
+            ConfigError: on an unknown key, a missing required key or a wrong type.
+        """
+        params = self.options(name)
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            valid = ", ".join(params) or "none"
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r} for {self.kind} {name!r}; valid keys: {valid}"
+            )
+        hints = _type_hints(self.factory(name))
+        resolved: dict[str, Any] = {}
+        for key, param in params.items():
+            if key in options:
+                value = options[key]
+                _check_type(value, hints.get(key), f"{where}.{key}")
+                resolved[key] = list(value) if isinstance(value, tuple) else value
+            elif param.default is inspect.Parameter.empty:
+                raise ConfigError(f"{where}: missing required key {key!r} for {self.kind} {name!r}")
+            else:
+                default = param.default
+                resolved[key] = list(default) if isinstance(default, tuple) else default
+        return resolved
+
+    def build(self, name: str, options: Mapping[str, Any], where: str, **context: Any) -> Any:
+        """Resolve ``options`` and call the entry's factory with them and ``context``."""
+        resolved = self.resolve(name, options, where)
+        return self.factory(name)(**context, **resolved)
+
+
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: skip type checks
+        return {}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """Raise :class:`ConfigError` if ``value`` does not match the simple type ``hint``."""
+    if hint is None or hint is Any:
+        return
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(hint):
+            try:
+                _check_type(value, arm, where)
+                return
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected nothing, got {value!r}")
+        return
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(hint)
+        for item in value:
+            if args:
+                _check_type(item, args[0], where)
+        return
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(hint, type):
+        ok = isinstance(value, hint)
+    else:
+        return
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+NETWORKS: Registry[Any] = Registry("network", context=("in_shape", "out_features"))
+PRIORS: Registry[Any] = Registry("prior", context=("latent_dim",))
+GUIDES: Registry[Any] = Registry("guide")
+LIKELIHOODS: Registry[Any] = Registry("likelihood")
+OBJECTIVES: Registry[Any] = Registry("objective")
+DATASETS: Registry[Any] = Registry("dataset", context=("data_dir", "download"))
