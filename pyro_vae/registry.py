@@ -40,17 +40,30 @@ class Registry(Generic[T]):
         self.kind = kind
         self.context = frozenset(context) | _CONTEXT_PARAMS
         self._entries: dict[str, T] = {}
+        self._examples: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that adds an entry under ``name``; names must be unique."""
+    def register(self, name: str, example: Mapping[str, Any] | None = None) -> Callable[[T], T]:
+        """Decorator that adds an entry under ``name``; names must be unique.
+
+        Args:
+            name: The registered name.
+            example: Options for a small working instance (required options
+                included); the contract tests build every entry with them.
+        """
 
         def decorator(entry: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = entry
+            self._examples[name] = dict(example or {})
             return entry
 
         return decorator
+
+    def example(self, name: str) -> dict[str, Any]:
+        """The example options registered with entry ``name``."""
+        self.get(name)
+        return dict(self._examples[name])
 
     def names(self) -> list[str]:
         """The registered names, in registration order."""

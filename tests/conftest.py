@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _clean_pyro_state():
+    """Every test starts with an empty param store, validation on, and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    torch.manual_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    """The folder with binarized_mnist.npz beside the project; skip when absent."""
+    folder = Path(os.environ.get("PYRO_VAE_SHARED_DATA", SHARED_DATA))
+    if not (folder / "binarized_mnist.npz").exists():
+        pytest.skip(f"binarized_mnist.npz not found in {folder} (shared datasets absent)")
+    return folder
+
+
+def devices() -> list:
+    """CPU always; CUDA when available (the CUDA case skips otherwise)."""
+    return [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+        ),
+    ]
