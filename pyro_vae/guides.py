@@ -18,9 +18,17 @@ from .registry import GUIDES
 
 
 class Guide(nn.Module):
-    """Base class of guides: ``forward(x, index=None) -> q(z | x)``."""
+    """Base class of guides: ``forward(x, index=None) -> q(z | x)``.
+
+    ``kl_weight`` multiplies the latent site's log densities in the ELBO: 1
+    for a variational posterior, 0 for a point estimate (the KL term dropped).
+    ``amortized`` says whether q depends on x through a network (False for
+    per-datum parameters, which need ``index``).
+    """
 
     latent_dim: int
+    kl_weight: float = 1.0
+    amortized: bool = True
 
     def forward(
         self, x: torch.Tensor, index: torch.Tensor | None = None

@@ -13,9 +13,12 @@ Reference: Kingma & Welling (2014), "Auto-Encoding Variational Bayes".
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import nn
 from torch.distributions import kl_divergence
 
@@ -43,6 +46,8 @@ class VAE(nn.Module):
       = one datum's shape.
 
     ``vae.model`` and ``vae.guide`` are the Pyro programs built from them.
+    The latent site is weighted by ``kl_scale`` (β) times the guide's
+    ``kl_weight`` (0 for a point-estimate guide: the KL term is dropped).
     Parameters live in this module only (no ``pyro.param`` / global param
     store), so two VAEs in one process never share parameters; optimize
     ``vae.parameters()`` with any ``torch.optim`` optimizer and a Pyro ELBO's
@@ -59,6 +64,18 @@ class VAE(nn.Module):
         self.prior = prior
         self.posterior = guide
         self.likelihood = likelihood
+        #: Weight β of the latent site's log densities, i.e. of the KL term
+        #: (set by the trainer for KL warm-up; 1 is the ELBO).
+        self.kl_scale = 1.0
+
+    def _latent_weight(self) -> AbstractContextManager[None]:
+        """Scale the latent site by β times the guide's ``kl_weight`` (mask it out at 0)."""
+        weight = self.kl_scale * self.posterior.kl_weight
+        if weight == 1.0:
+            return nullcontext()
+        if weight == 0.0:
+            return poutine.mask(mask=False)
+        return poutine.scale(scale=weight)
 
     @property
     def latent_dim(self) -> int:
@@ -98,7 +115,8 @@ class VAE(nn.Module):
             The latent sample z, ``(B, D)`` (more dims with vectorized particles).
         """
         with self._plate(x, index, data_size):
-            z = pyro.sample(LATENT_SITE, self.prior())
+            with self._latent_weight():
+                z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood(z), obs=x)
         return z
 
@@ -109,7 +127,7 @@ class VAE(nn.Module):
         data_size: int | None = None,
     ) -> torch.Tensor:
         """The amortized guide: ``z ~ q(z|x)``, reparameterized. Same arguments as :meth:`model`."""
-        with self._plate(x, index, data_size):
+        with self._plate(x, index, data_size), self._latent_weight():
             return pyro.sample(LATENT_SITE, self.posterior(x, index))
 
     def elbo_terms(
@@ -146,4 +164,18 @@ def analytic_kl(q: dist.Distribution, p: dist.Distribution) -> torch.Tensor | No
     try:
         return kl_divergence(q, p.expand(q.batch_shape))
     except NotImplementedError:
+        return None
+
+
+def kl_per_dim(q: dist.Distribution, p: dist.Distribution) -> torch.Tensor | None:
+    """Closed-form KL per latent dimension, shape ``q.batch_shape + (D,)``, or ``None``.
+
+    Defined when both ``q`` and ``p`` factorize over dimensions (``Independent``
+    of a univariate family with a registered KL, e.g. diagonal Normals).
+    """
+    if not (isinstance(q, dist.Independent) and isinstance(p, dist.Independent)):
+        return None
+    try:
+        return kl_divergence(q.base_dist, p.base_dist.expand(q.base_dist.batch_shape))
+    except (NotImplementedError, RuntimeError):
         return None

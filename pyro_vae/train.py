@@ -42,7 +42,7 @@ from .checkpoint import (
 from .config import Config
 from .data import PreparedData, check_fits, load_dataset, prepare
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
-from .model import VAE
+from .model import VAE, kl_per_dim
 from .registry import LIKELIHOODS
 
 #: ``on_step(epoch, step, loss)``: called after every optimizer step.
@@ -90,19 +90,32 @@ def load_data(config: Config) -> PreparedData:
 
 
 @torch.no_grad()
-def evaluate_elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
+def evaluate_elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> dict[str, Any]:
     """Per-datum mean ELBO, reconstruction and KL of ``x`` (one z draw per datum).
 
     Returns:
-        ``{"elbo", "reconstruction", "kl"}`` in nats per datum; ``elbo = reconstruction - kl``.
+        ``{"elbo", "reconstruction", "kl"}`` in nats per datum, with
+        ``elbo = reconstruction - kl``, and ``"kl_per_dim"`` (a list of ``D``
+        floats, the mean closed-form KL of each latent dimension) where
+        :func:`~pyro_vae.model.kl_per_dim` defines it, else ``None``.
     """
     rec_sum = kl_sum = 0.0
+    per_dim: torch.Tensor | None = None
     for start in range(0, len(x), batch_size):
-        rec, kl = vae.elbo_terms(x[start : start + batch_size])
+        batch = x[start : start + batch_size]
+        rec, kl = vae.elbo_terms(batch)
         rec_sum += float(rec.sum())
         kl_sum += float(kl.sum())
+        dims = kl_per_dim(vae.posterior(batch), vae.prior())
+        if dims is not None:
+            per_dim = dims.sum(0) if per_dim is None else per_dim + dims.sum(0)
     rec_mean, kl_mean = rec_sum / len(x), kl_sum / len(x)
-    return {"elbo": rec_mean - kl_mean, "reconstruction": rec_mean, "kl": kl_mean}
+    return {
+        "elbo": rec_mean - kl_mean,
+        "reconstruction": rec_mean,
+        "kl": kl_mean,
+        "kl_per_dim": None if per_dim is None else (per_dim / len(x)).tolist(),
+    }
 
 
 @contextmanager
@@ -349,6 +362,8 @@ class _Trainer:
                 record[f"{split}_elbo"] = terms["elbo"]
                 record[f"{split}_reconstruction"] = terms["reconstruction"]
                 record[f"{split}_kl"] = terms["kl"]
+                if split == "test" and terms["kl_per_dim"] is not None:
+                    record["test_kl_per_dim"] = terms["kl_per_dim"]
         record["seconds"] = seconds
         return record
 
