@@ -6,13 +6,15 @@ Importing this module registers every built-in component.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from . import data as _data  # noqa: F401  (registers the datasets)
+from . import exact as _exact  # noqa: F401  (registers the ppca dataset)
 from . import guides as _guides  # noqa: F401
 from . import likelihoods as _likelihoods  # noqa: F401
 from . import objectives as _objectives  # noqa: F401
 from . import priors as _priors  # noqa: F401
-from .config import ComponentConfig, Config, ModelConfig
+from .config import ComponentConfig, Config, ModelConfig, TrainConfig
 from .errors import ConfigError
 from .model import VAE
 from .nets import BuildContext
@@ -40,8 +42,9 @@ def resolve(config: Config) -> Config:
         registry.get(component.name)
         options = registry.resolve(component.name, component.options, f"model.{key}")
         resolved[key] = ComponentConfig(component.name, options)
+    PRIORS.get(config.model.prior.name).check_guide(GUIDES.get(config.model.guide.name))
     OBJECTIVES.get(config.train.elbo)
-    OBJECTIVES.resolve(config.train.elbo, {"num_particles": config.train.num_particles}, "train")
+    OBJECTIVES.resolve(config.train.elbo, objective_options(config.train), "train")
     if not config.data.name.startswith("npz:"):
         DATASETS.get(config.data.name)
     model = dataclasses.replace(config.model, **resolved)
@@ -63,11 +66,37 @@ def build_vae(model: ModelConfig, event_shape: tuple[int, ...]) -> VAE:
     likelihood = LIKELIHOODS.build(
         model.likelihood.name, model.likelihood.options, "model.likelihood", ctx=ctx
     )
+    prior.bind(guide, ctx.event_shape)  # the VampPrior mixes the guide's q(z|u); others ignore it
     return VAE(prior, guide, likelihood)
 
 
+#: ``[train]`` keys that are objective options: each goes to the objective's
+#: factory when it takes that keyword (see :data:`~pyro_vae.registry.OBJECTIVES`).
+OBJECTIVE_KEYS = ("num_particles", "free_bits")
+
+
+def objective_options(train: TrainConfig) -> dict[str, Any]:
+    """The options of ``train.elbo``'s factory, read from the ``[train]`` keys of the same name.
+
+    Raises:
+        ConfigError: a key of :data:`OBJECTIVE_KEYS` set away from its default
+            for an objective that does not take it (e.g. ``free_bits`` with ``iwae``).
+    """
+    accepted = OBJECTIVES.options(train.elbo)
+    options = {}
+    for key in OBJECTIVE_KEYS:
+        value = getattr(train, key)
+        if key in accepted:
+            options[key] = value
+        elif value != TrainConfig.__dataclass_fields__[key].default:
+            takers = [n for n in OBJECTIVES.names() if key in OBJECTIVES.options(n)]
+            raise ConfigError(
+                f"train.{key} = {value} does not apply to elbo {train.elbo!r}; "
+                f"it applies to elbo: {', '.join(takers) or 'none'}"
+            )
+    return options
+
+
 def build_objective(config: Config) -> object:
-    """The Pyro ELBO named by ``config.train.elbo``."""
-    return OBJECTIVES.build(
-        config.train.elbo, {"num_particles": config.train.num_particles}, "train"
-    )
+    """The Pyro ELBO named by ``config.train.elbo``, with its options from ``[train]``."""
+    return OBJECTIVES.build(config.train.elbo, objective_options(config.train), "train")

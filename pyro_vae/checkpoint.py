@@ -115,6 +115,7 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> VAE:
     except PyroVAEError as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from None
     state = load_checkpoint(run_dir, map_location=device)
-    vae = build_vae(config.model, tuple(state["event_shape"]))
+    with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the RNG be
+        vae = build_vae(config.model, tuple(state["event_shape"]))
     load_state(vae, state["model"], str(run_dir / CHECKPOINT_FILE))
     return vae.to(device).eval()

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import NonFiniteLossError, TrainingInterrupted, UserError
+from .evaluate import add_evaluate_arguments, run_evaluate
+from .report import add_report_arguments, add_sample_arguments, run_report, run_sample
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -47,6 +49,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "lr": "train.lr",
     "seed": "train.seed",
     "device": "train.device",
+    "method": "train.method",
 }
 _RESUMABLE = {"epochs", "device"}
 
@@ -67,6 +70,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--method",
+        choices=["svi", "variational-em"],
+        help="svi (amortized encoder) or variational-em (one q per datum, beside SVI)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -95,6 +103,9 @@ def _run_train(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{flag} cannot change a run being resumed; only --epochs and --device can"
             )
+        from .em import check_resumable
+
+        check_resumable(args.resume)
         result = resume(
             args.resume, epochs=args.epochs, device=args.device, progress=progress, log=log
         )
@@ -110,7 +121,22 @@ def _run_train(args: argparse.Namespace) -> int:
             if args.out
             else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
+        if config.train.method == "variational-em":
+            from .distributed import launched_world_size
+            from .em import fit_em
+
+            if launched_world_size() > 1:  # [distributed] only SVI is data-parallel
+                raise ConfigError("--method variational-em runs in one process; omit torchrun")
+            em = fit_em(config, out, progress=progress, log=log)
+            if not args.quiet:
+                print(em.summary())
+            print(f"run saved in {out} (amortized comparison in {out / 'amortized'})")
+            return 0
         result = fit(config, out, progress=progress, log=log)
+    from .distributed import is_main
+
+    if not is_main():  # [distributed] under torchrun, rank 0 prints the summary
+        return 0
     if result.history and not args.quiet:
         first, last = result.history[0], result.history[-1]
         print(
@@ -153,6 +179,13 @@ COMMANDS: dict[
 ] = {
     "train": ("train a VAE by SVI", _add_train, _run_train),
     "list": ("list datasets, priors, guides, likelihoods and objectives", _add_list, _run_list),
+    "evaluate": (
+        "log p(x) by importance sampling, IWAE bounds, ESS, k-hat and gaps",
+        add_evaluate_arguments,
+        run_evaluate,
+    ),
+    "report": ("write RUN_DIR/report.html (figures, metrics)", add_report_arguments, run_report),
+    "sample": ("decode prior samples of a run into a PNG grid", add_sample_arguments, run_sample),
 }
 
 

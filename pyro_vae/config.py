@@ -143,13 +143,20 @@ class TrainConfig(_Section):
     """Optimization settings.
 
     Args:
-        elbo: Objective name (``trace``: Monte Carlo KL; ``meanfield``: analytic KL).
+        elbo: Objective name (``trace``: Monte Carlo KL; ``meanfield``: analytic KL;
+            ``iwae``: importance weighted bound with K = ``num_particles``).
         num_particles: Samples of z per datum in the ELBO estimate (vectorized).
+        beta: KL weight β after warm-up (1 is the ELBO; Higgins et al. 2017).
+        kl_warmup_epochs: Epochs W of linear KL warm-up: epoch e has weight
+            :math:`\\beta \\min(1, (e-1)/W)`; 0 means none.
+        free_bits: Per-dimension KL floor λ in nats (Kingma et al. 2016); ``meanfield`` only.
         epochs: Passes over the training data.
         batch_size: Minibatch size.
         lr: Adam learning rate.
         seed: Seed of every random draw of the run.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
+        method: ``svi`` (amortized, :func:`~pyro_vae.train.fit`) or ``variational-em``
+            (one q per datum, E- and M-steps, :func:`~pyro_vae.em.fit_em`).
     """
 
     elbo: str = "meanfield"
@@ -159,28 +166,76 @@ class TrainConfig(_Section):
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    beta: float = 1.0
+    kl_warmup_epochs: int = 0
+    free_bits: float = 0.0
+    method: str = "svi"
     _section = "train"
 
     def _check(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(
+                f"train.method: unknown method {self.method!r}; valid: {', '.join(TRAIN_METHODS)}"
+            )
         for key in ("num_particles", "epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for key in ("beta", "kl_warmup_epochs", "free_bits"):
+            if not 0 <= getattr(self, key) < float("inf"):
+                raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")
         if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
             raise ConfigError(f"train.device: unknown device {self.device!r}; valid: cpu, cuda")
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+TRAIN_METHODS = ("svi", "variational-em")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """Defaults of ``pyro-vae evaluate`` (:func:`pyro_vae.evaluate.evaluate`).
+
+    Args:
+        num_samples: K, importance samples per datum for :math:`\\log p(x)`.
+        iwae_k: The K of the IWAE bounds :math:`\\mathcal L_K` reported (each <= ``num_samples``).
+        batch_size: Data per batch.
+        chunk_size: Samples (particles x data) per decoder call; bounds memory.
+        seed: Seed of the importance samples.
+    """
+
+    num_samples: int = 5000
+    iwae_k: tuple[int, ...] = (1, 10, 100, 1000, 5000)
+    batch_size: int = 100
+    chunk_size: int = 4096
+    seed: int = 0
+    _section = "eval"
+
+    def _check(self) -> None:
+        object.__setattr__(self, "iwae_k", tuple(self.iwae_k))
+        for key in ("num_samples", "batch_size", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.iwae_k or min(self.iwae_k) < 1:
+            raise ConfigError(f"eval.iwae_k must be a non-empty list of K >= 1, got {self.iwae_k}")
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run: ``data``, ``model`` and ``train`` sections."""
+    """A whole run: ``data``, ``model``, ``train`` and ``eval`` sections."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict, the TOML document; ``None`` values are left out."""

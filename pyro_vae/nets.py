@@ -95,6 +95,137 @@ class MLP(nn.Module):
         return self.layers(x.flatten(-len(self.in_shape)) if len(self.in_shape) > 1 else x)
 
 
+#: The image size that :class:`Conv` encodes and decodes.
+CONV_IMAGE = (28, 28)
+
+
+@NETWORKS.register("conv", example={"channels": [4, 8], "features": 16})
+class Conv(nn.Module):
+    r"""A small convolutional encoder or decoder for 28x28 single-channel images.
+
+    Each convolution halves the image side (kernel 4, stride 2, padding 1):
+    with ``channels = [c1, c2]``, :math:`28 \to 14 \to 7`.
+
+    * Encoder (``in_shape`` is ``(28, 28)`` or ``(1, 28, 28)``): convolutions
+      with ``channels``, then a linear layer to ``features``; as a trunk
+      (``out_features=None``) it ends with that layer's activation, else a last
+      linear layer maps to ``out_features``.
+    * Decoder (``in_shape == (D,)``): linear layers :math:`D \to` ``features``
+      :math:`\to c_k \cdot 7 \cdot 7`, then transposed convolutions back to
+      :math:`k \times 28 \times 28` with ``k = out_features / 784`` output
+      channels (one per distribution parameter per pixel), flattened
+      channel-first to ``(..., out_features)``, the order in which
+      :meth:`pyro_vae.likelihoods.Likelihood.decode` reshapes.
+
+    Shapes: ``(..., *in_shape) -> (..., out_features)``; leading dimensions
+    (batch, particles) are flattened into one batch for the convolutions.
+    Architecture after the DCGAN-style VAEs of Radford et al. (2016),
+    "Unsupervised representation learning with deep convolutional GANs".
+
+    Args:
+        in_shape: ``(28, 28)`` or ``(1, 28, 28)`` for an encoder, ``(D,)`` for a decoder.
+        out_features: Output width (a multiple of 784 for a decoder), or
+            ``None`` for an encoder trunk.
+        channels: Channels of the one or two convolutions (encoder order; the
+            decoder mirrors them).
+        features: Width of the dense layer between convolutions and latent code.
+        activation: Name of the activation after every hidden layer.
+
+    Raises:
+        ConfigError: for another image shape, a decoder output that is not
+            ``k * 28 * 28``, or a trunk without a datum shape.
+
+    Example:
+        >>> Conv((28, 28), None, channels=[4, 8], features=16)(torch.zeros(3, 28, 28)).shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_features: int | None,
+        channels: Sequence[int] = (32, 64),
+        features: int = 256,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        channels = [int(c) for c in channels]
+        if len(channels) not in (1, 2) or min(channels) < 1:
+            raise ConfigError(
+                f"conv: channels must be one or two sizes >= 1 (each halves the 28x28 image), "
+                f"got {channels}"
+            )
+        if features < 1:
+            raise ConfigError(f"conv: features must be >= 1, got {features}")
+        side = CONV_IMAGE[0] // 2 ** len(channels)
+        self.encodes = out_features is None or len(self.in_shape) > 1
+        if self.encodes:
+            if self.in_shape not in (CONV_IMAGE, (1, *CONV_IMAGE)):
+                raise ConfigError(
+                    f"the conv network encodes 28x28 images, but a datum has shape "
+                    f"{self.in_shape}; use the mlp network for other shapes"
+                )
+            layers: list[nn.Module] = []
+            for a, b in zip([1, *channels[:-1]], channels, strict=True):
+                layers += [nn.Conv2d(a, b, 4, stride=2, padding=1), make_activation(activation)]
+            layers += [
+                nn.Flatten(),
+                nn.Linear(channels[-1] * side * side, features),
+                make_activation(activation),
+            ]
+            if out_features is not None:
+                layers.append(nn.Linear(features, out_features))
+            self.out_features = features if out_features is None else int(out_features)
+        else:
+            pixels = math.prod(CONV_IMAGE)
+            if out_features is None or out_features % pixels:
+                raise ConfigError(
+                    f"the conv network decodes 28x28 images (out_features a multiple of "
+                    f"{pixels}), but the likelihood asks for {out_features} outputs; use the "
+                    "mlp network for other datum shapes"
+                )
+            self.out_features = int(out_features)
+            reverse = channels[::-1]
+            layers = [
+                nn.Linear(self.in_shape[0], features),
+                make_activation(activation),
+                nn.Linear(features, reverse[0] * side * side),
+                make_activation(activation),
+                nn.Unflatten(1, (reverse[0], side, side)),
+            ]
+            outs = [*reverse[1:], out_features // pixels]
+            for i, (a, b) in enumerate(zip(reverse, outs, strict=True)):
+                layers.append(nn.ConvTranspose2d(a, b, 4, stride=2, padding=1))
+                if i < len(outs) - 1:
+                    layers.append(make_activation(activation))
+            layers.append(nn.Flatten())
+        self.layers = nn.Sequential(*layers)
+
+    @classmethod
+    def from_config(
+        cls,
+        in_shape: Sequence[int],
+        out_features: int | None,
+        channels: list[int] = (32, 64),  # type: ignore[assignment]
+        features: int = 256,
+        activation: str = "relu",
+    ) -> Conv:
+        """Build from a config section (``channels``, ``features``, ``activation``)."""
+        return cls(
+            in_shape, out_features, channels=channels, features=features, activation=activation
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(..., *in_shape)`` to ``(..., out_features)``."""
+        batch = x.shape[: x.dim() - len(self.in_shape)]
+        if self.encodes:
+            x = x.reshape(-1, 1, *CONV_IMAGE)
+        else:
+            x = x.reshape(-1, self.in_shape[0])
+        return self.layers(x).reshape(*batch, self.out_features)
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """What a guide or likelihood needs to build its networks.

@@ -6,6 +6,13 @@ full training set, using ``torch.optim.Adam`` on ``vae.parameters()`` (no
 global param store). Each epoch records per-datum nats: the running train
 ELBO, and the test ELBO with its two parts,
 :math:`\\mathbb E_q[\\log p(x|z)]` and :math:`\\mathrm{KL}(q(z|x)\\|p(z))`.
+The running train value is the objective's (β-weighted, free-bits clamped,
+or the IWAE bound); the test numbers are always the plain ELBO. Each record
+also holds ``beta``, the KL weight of that epoch
+(:func:`~pyro_vae.objectives.kl_weight`: β after a linear warm-up), and
+``kl_estimator`` (:func:`~pyro_vae.objectives.kl_estimator`), which reads
+``"monte-carlo (fallback)"`` when ``elbo = "meanfield"`` found no closed-form
+KL for the prior and guide.
 
 After every epoch the checkpoint is written atomically; Ctrl-C stops at the
 next step boundary, saves a mid-epoch checkpoint and raises
@@ -23,12 +30,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyro
+import pyro.infer.util
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .build import build_objective, build_vae, resolve
 from .checkpoint import (
     CHECKPOINT_FILE,
@@ -43,6 +54,7 @@ from .config import Config
 from .data import PreparedData, check_fits, load_dataset, prepare
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from .model import VAE, kl_per_dim
+from .objectives import kl_estimator, kl_weight
 from .registry import LIKELIHOODS
 
 #: ``on_step(epoch, step, loss)``: called after every optimizer step.
@@ -116,6 +128,31 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> dict[str
         "kl": kl_mean,
         "kl_per_dim": None if per_dim is None else (per_dim / len(x)).tolist(),
     }
+
+
+def svi_step(
+    vae: VAE,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    index: torch.Tensor | None,
+    data_size: int | None,
+) -> float:
+    """One SVI step: the ELBO loss of the minibatch, its gradient, an optimizer step.
+
+    The loss is :math:`-\\tfrac{N}{B}\\sum_{b} \\widehat{\\mathrm{ELBO}}(x_b)` (the data
+    plate scaled to ``data_size``); a non-finite loss skips the update.
+
+    Returns:
+        The loss value (a float, NaN or infinite if the loss was).
+    """
+    loss = objective.differentiable_loss(vae.model, vae.guide, x, index, data_size)
+    value = loss.item()
+    if math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return value
 
 
 @contextmanager
@@ -196,10 +233,13 @@ def resume(
 
 
 def _format_epoch(record: dict[str, Any]) -> str:
+    beta = f"beta {record['beta']:.3g}  " if record.get("beta", 1.0) != 1.0 else ""
+    fallback = record.get("kl_estimator") == "monte-carlo (fallback)"
     return (
         f"epoch {record['epoch']}  test ELBO {record['test_elbo']:.2f}  "
-        f"(rec {record['test_reconstruction']:.2f}, KL {record['test_kl']:.2f})  "
-        f"{record['seconds']:.1f} s"
+        f"(rec {record['test_reconstruction']:.2f}, KL {record['test_kl']:.2f})  {beta}"
+        + ("train KL by Monte Carlo (no closed form)  " if fallback else "")
+        + f"{record['seconds']:.1f} s"
     )
 
 
@@ -223,18 +263,20 @@ class _Trainer:
         self.on_step = on_step
 
     def run(self) -> TrainResult:
-        cuda = [torch.device(self.config.train.device).index or 0] if self._is_cuda() else []
-        with torch.random.fork_rng(devices=cuda):
-            return self._run()
-
-    def _is_cuda(self) -> bool:
-        return resolve_device(self.config.train.device).type == "cuda"
+        # [distributed] join torchrun's process group (WORLD_SIZE > 1) for the run
+        with distributed.process_group(resolve_device(self.config.train.device)):
+            device = distributed.local_device(resolve_device(self.config.train.device))
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                return self._run()
 
     def _run(self) -> TrainResult:
         cfg = self.config
-        device = resolve_device(cfg.train.device)
+        device = distributed.local_device(resolve_device(cfg.train.device))  # [distributed]
+        main = distributed.is_main()  # [distributed] only rank 0 writes and prints
         torch.manual_seed(cfg.train.seed)
-        data = load_data(cfg)
+        with distributed.main_first():  # [distributed] rank 0 downloads first
+            data = load_data(cfg)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize=data.binarize))
         vae = build_vae(cfg.model, data.event_shape).to(device)
         optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
@@ -262,8 +304,12 @@ class _Trainer:
             epoch_done, step_done = int(s["epoch"]), int(s["step"])
             perm = s["perm"].to(device) if s["perm"] is not None else None
             elbo_sum, seconds, history = float(s["elbo_sum"]), float(s["seconds"]), s["history"]
-        elif self.out_dir is not None:
+        elif self.out_dir is not None and main:
             cfg.save(self._path(CONFIG_FILE))
+        # [distributed] DDP over this rank's shard of each minibatch; None: one process
+        ddp = None
+        if distributed.is_distributed():
+            ddp = distributed.DistributedSVI(vae, objective, device, cfg.train.seed)
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
@@ -271,11 +317,11 @@ class _Trainer:
         bar = tqdm(
             total=total,
             initial=min(epoch_done * steps + step_done, total),
-            disable=not self.progress,
+            disable=not (self.progress and main),
             unit="step",
             dynamic_ncols=True,
         )
-        write = bar.write if self.progress else self.log
+        write = (bar.write if self.progress else self.log) if main else None
 
         def snapshot(epoch: int, step: int) -> dict[str, Any]:
             return {
@@ -298,9 +344,11 @@ class _Trainer:
             }
 
         try:
+            validate, first = pyro.infer.util.is_validation_enabled(), True
             with _sigint_flag() as interrupted:
                 for epoch in range(epoch_done + 1, cfg.train.epochs + 1):
                     vae.train()
+                    vae.kl_scale = kl_weight(cfg.train.beta, cfg.train.kl_warmup_epochs, epoch)
                     start = time.perf_counter()
                     if perm is None:
                         perm = torch.randperm(n, generator=generator, device=device)
@@ -309,17 +357,23 @@ class _Trainer:
                         x = train[index]
                         if data.dynamic:
                             x = torch.bernoulli(x, generator=generator)
-                        loss = objective.differentiable_loss(vae.model, vae.guide, x, index, n)
-                        value = loss.detach().item()
+                        # Validate the first step of a (re)start -- model/guide structure,
+                        # distribution arguments -- then run the hot loop without it (the
+                        # data were checked against the likelihood's support up front).
+                        with pyro.validation_enabled(validate and first):
+                            if ddp is None:
+                                value = svi_step(vae, objective, optimizer, x, index, n)
+                            else:  # [distributed] the global loss; was any rank interrupted
+                                value, stop = ddp.step(
+                                    optimizer, x, index, n, (epoch, step), interrupted["set"]
+                                )
+                        first = False
                         if not math.isfinite(value):
                             where = self._path(CHECKPOINT_FILE) if self.out_dir else "none"
                             raise NonFiniteLossError(
                                 f"the loss became {value} at epoch {epoch}, step {step + 1}; "
                                 f"training stopped (last good checkpoint: {where})"
                             )
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
                         elbo_sum -= value * len(index) / n
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, elbo=f"{-value / n:.2f}", refresh=False)
@@ -328,22 +382,26 @@ class _Trainer:
                                 self.on_step(epoch, step + 1, value)
                         except KeyboardInterrupt:
                             interrupted["set"] = True
-                        if interrupted["set"] and step + 1 < steps:
+                        if (interrupted["set"] if ddp is None else stop) and step + 1 < steps:
                             seconds += time.perf_counter() - start
                             self._interrupt(snapshot(epoch - 1, step + 1), epoch, step + 1)
                     seconds += time.perf_counter() - start
                     record = self._epoch_record(vae, epoch, elbo_sum / n, evaluation, seconds)
+                    record["beta"] = vae.kl_scale
+                    record["kl_estimator"] = kl_estimator(objective)
                     history.append(record)
                     perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
-                    if self.out_dir is not None:
+                    if self.out_dir is not None and main:
                         write_metrics(self._path(METRICS_FILE), history)
                         save_checkpoint(self._path(CHECKPOINT_FILE), snapshot(epoch, 0))
                     if write is not None:
                         write(_format_epoch(record))
-                    if interrupted["set"] and epoch < cfg.train.epochs:
+                    stop = distributed.any_rank(interrupted["set"])  # [distributed] all or none
+                    if stop and epoch < cfg.train.epochs:
                         self._interrupt(None, epoch, 0)
         finally:
             bar.close()
+        vae.kl_scale = 1.0  # β is a training setting; the returned model is the plain VAE
         return TrainResult(vae.eval(), cfg, history, data)
 
     def _epoch_record(
@@ -358,7 +416,8 @@ class _Trainer:
         record: dict[str, Any] = {"epoch": epoch, "train_elbo": train_elbo}
         for split in ("test", "valid"):
             if split in evaluation:
-                terms = evaluate_elbo(vae, evaluation[split])
+                # [distributed] each rank evaluates a shard; the means are all-reduced
+                terms = distributed.sharded_mean(partial(evaluate_elbo, vae), evaluation[split])
                 record[f"{split}_elbo"] = terms["elbo"]
                 record[f"{split}_reconstruction"] = terms["reconstruction"]
                 record[f"{split}_kl"] = terms["kl"]
@@ -374,7 +433,7 @@ class _Trainer:
     def _interrupt(self, state: dict[str, Any] | None, epoch: int, step: int) -> None:
         if self.out_dir is None:
             raise TrainingInterrupted(f"interrupted at epoch {epoch}, step {step}", None)
-        if state is not None:
+        if state is not None and distributed.is_main():
             save_checkpoint(self._path(CHECKPOINT_FILE), state)
         raise TrainingInterrupted(
             f"interrupted at epoch {epoch}, step {step}; checkpoint saved; "

@@ -1,0 +1,859 @@
+"""log p(x) by importance sampling, the IWAE bounds, diagnostics, and the gap decomposition.
+
+The ELBO is a lower bound; the marginal likelihood itself is estimated by
+importance sampling with the guide as proposal (Burda, Grosse & Salakhutdinov
+2016):
+
+.. math::
+
+    \\log w_k = \\log p(x \\mid z_k) + \\log p(z_k) - \\log q(z_k \\mid x),
+    \\quad z_k \\sim q(z \\mid x),
+
+    \\log \\hat p(x) = \\operatorname{logsumexp}_{k=1}^K \\log w_k - \\log K.
+
+:func:`log_importance_weights` computes the per-datum log weights, shape
+``[K, B]`` (particles first), vectorized over particles and data, in chunks
+of about ``chunk_size`` samples under ``torch.no_grad()``, so memory stays
+bounded at any K. (Pyro's ``vectorized_importance_weights`` and
+``psis_diagnostic`` sum the log weights over the data plate: one weight per
+minibatch, not per datum.)
+
+From the same weights: the IWAE bounds :math:`\\mathcal L_K` (with
+:math:`\\mathcal L_1` the ELBO), the effective sample size
+:math:`(\\sum_k w_k)^2 / \\sum_k w_k^2`, and the Pareto-smoothed IS shape
+:math:`\\hat k` (arviz; Vehtari et al. 2024), above 0.7 of which the estimate
+of that datum is unreliable.
+
+The gap decomposition (Cremer, Li & Duvenaud 2018):
+
+.. math::
+
+    \\underbrace{\\log p(x) - \\mathrm{ELBO}(q_\\phi)}_{\\text{total gap}}
+    = \\underbrace{\\log p(x) - \\mathrm{ELBO}(q^*)}_{\\text{approximation gap}}
+    + \\underbrace{\\mathrm{ELBO}(q^*) - \\mathrm{ELBO}(q_\\phi)}_{\\text{amortization gap}},
+
+where :math:`q^*` is the best diagonal Normal for each datum alone (decoder
+frozen), found by :func:`refine_posterior` from the encoder's output. Since
+:math:`\\log p(x) - \\mathrm{ELBO}(q) = \\mathrm{KL}(q \\| p(z|x))`, each gap is
+a KL divergence.
+
+References:
+    Burda, Grosse & Salakhutdinov (2016), "Importance weighted autoencoders".
+    Cremer, Li & Duvenaud (2018), "Inference suboptimality in variational
+    autoencoders".
+    Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto smoothed importance
+    sampling".
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+from torch.distributions import Distribution
+from tqdm.auto import tqdm
+
+from .data import check_fits
+from .errors import ConfigError, UserError
+from .exact import linear_gaussian
+from .model import VAE, analytic_kl
+
+#: Proposals by name: the guide :math:`q(z|x)` or the prior :math:`p(z)`.
+PROPOSALS = ("guide", "prior")
+#: :math:`\\hat k` above which an importance sampling estimate is unreliable.
+KHAT_THRESHOLD = 0.7
+#: Fewest samples for which arviz can fit the Pareto tail (more than 4 tail draws).
+MIN_KHAT_SAMPLES = 25
+#: File names written into the run directory by :func:`evaluate_run`.
+EVALUATION_FILE = "evaluation.json"
+PER_DATUM_FILE = "evaluation_per_datum.npz"
+
+Proposal = str | Distribution
+
+
+# --- per-datum log weights and what follows from them ---------------------------
+
+
+def _check_batch_distribution(q: Distribution, batch: int, latent_dim: int, what: str) -> None:
+    if tuple(q.batch_shape) != (batch,) or tuple(q.event_shape) != (latent_dim,):
+        raise ConfigError(
+            f"{what} must have batch shape ({batch},) and event shape ({latent_dim},), "
+            f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
+        )
+
+
+def _is_point_estimate(vae: VAE) -> bool:
+    """Whether the guide is a point estimate (no density to importance-sample from)."""
+    return vae.posterior.kl_weight == 0
+
+
+@torch.no_grad()
+def log_importance_weights(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    *,
+    proposal: Proposal = "guide",
+    index: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Per-datum importance log weights, shape ``[K, B]``.
+
+    .. math::
+
+        \\log w_{kb} = \\log p(x_b \\mid z_{kb}) + \\log p(z_{kb}) - \\log r(z_{kb} \\mid x_b),
+        \\quad z_{kb} \\sim r(z \\mid x_b),
+
+    with the proposal :math:`r` the guide :math:`q(z|x)` (``"guide"``), the
+    prior (``"prior"``: then :math:`\\log w = \\log p(x|z)`), or any
+    distribution with batch shape ``(B,)`` and event shape ``(D,)``.
+    Particles are drawn ``max(1, chunk_size // B)`` at a time, so memory is
+    bounded by ``chunk_size`` decoder outputs whatever ``K`` is.
+
+    Args:
+        vae: The model.
+        x: A minibatch ``(B, *event_shape)``.
+        num_samples: ``K >= 1``.
+        proposal: ``"guide"``, ``"prior"`` or a ``Distribution``.
+        index: Positions of ``x`` in the training set, for non-amortized guides.
+        chunk_size: About how many ``(particle, datum)`` pairs per decoder call.
+
+    Returns:
+        ``log_w`` of shape ``(K, B)``; ``logsumexp(log_w, 0) - log K`` is
+        :math:`\\log \\hat p(x)`, unbiased for :math:`p(x)` on the linear scale.
+
+    Example:
+        >>> log_w = log_importance_weights(vae, x, 1000)  # doctest: +SKIP
+        >>> log_p = torch.logsumexp(log_w, 0) - math.log(1000)  # doctest: +SKIP
+    """
+    if num_samples < 1:
+        raise ConfigError(f"the number of importance samples K must be >= 1, got {num_samples}")
+    batch = x.shape[0]
+    prior = vae.prior()
+    from_prior = isinstance(proposal, str) and proposal == "prior"
+    if from_prior:
+        r = prior.expand((batch,))
+    elif isinstance(proposal, str):
+        if proposal != "guide":
+            raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
+        if _is_point_estimate(vae):
+            raise UserError(
+                "the guide is a point estimate (no density): importance sampling needs a "
+                "proposal with a density; use the prior proposal"
+            )
+        r = vae.posterior(x, index)
+    else:
+        r = proposal
+    _check_batch_distribution(r, batch, vae.latent_dim, "the proposal")
+    per_chunk = max(1, chunk_size // batch)
+    out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
+    for start in range(0, num_samples, per_chunk):
+        k = min(per_chunk, num_samples - start)
+        z = r.sample((k,))  # (k, B, D)
+        log_w = vae.likelihood(z).log_prob(x)
+        if not from_prior:
+            log_w = log_w + prior.log_prob(z) - r.log_prob(z)
+        out[start : start + k] = log_w
+    return out
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """:math:`\\log \\frac1K \\sum_k e^{\\log w_k}` along ``dim``, computed stably."""
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+
+
+def iwae_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per-datum estimates of the IWAE bounds :math:`\\mathcal L_K` from one set of weights.
+
+    .. math::
+
+        \\mathcal L_K(x) = \\mathbb E\\Big[\\log \\frac1K \\sum_{k=1}^K w_k\\Big]
+        \\le \\mathcal L_{K'}(x) \\le \\log p(x) \\quad (K \\le K'),
+
+    with :math:`\\mathcal L_1` the ELBO (Burda et al. 2016, Theorem 1). The
+    ``K_total`` weights are split into ``K_total // K`` disjoint groups of
+    ``K``; the group estimates are averaged (unbiased for :math:`\\mathcal L_K`;
+    the last ``K_total mod K`` weights are left out).
+
+    Args:
+        log_w: Log weights ``(K_total, B)``.
+        ks: Bounds to compute, each ``1 <= K <= K_total``.
+
+    Returns:
+        ``{K: tensor (B,)}``.
+    """
+    total = log_w.shape[0]
+    out = {}
+    for k in ks:
+        if not 1 <= k <= total:
+            raise ConfigError(f"IWAE K must be in 1..{total} (the number of samples), got {k}")
+        groups = total // k
+        grouped = log_w[: groups * k].reshape(groups, k, -1)
+        out[int(k)] = log_mean_exp(grouped, dim=1).mean(0)
+    return out
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """Per-datum ESS :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2`, shape ``(B,)``, in ``[1, K]``.
+
+    Kish's effective sample size of self-normalized importance sampling (Kong
+    1992, "A note on importance sampling using standardized weights").
+    """
+    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+
+
+def log_likelihood_mc_stderr(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Delta-method Monte Carlo standard error of :math:`\\log \\hat p(x)`, per datum.
+
+    .. math::
+
+        \\operatorname{Var}\\big[\\log \\tfrac1K \\textstyle\\sum_k w_k\\big]
+        \\approx \\frac{\\operatorname{Var}[w]}{K\\,\\mathbb E[w]^2}
+        \\approx \\frac{1}{\\mathrm{ESS}} - \\frac1K,
+
+    using :math:`\\mathrm{Var}[w]/\\mathbb E[w]^2 \\approx K/\\mathrm{ESS} - 1`
+    (Owen 2013, "Monte Carlo theory, methods and examples", Sec. 9.3). It
+    trusts the weights: where :math:`\\hat k > 0.7` it understates the error.
+    """
+    return (1.0 / ess - 1.0 / num_samples).clamp(min=0).sqrt()
+
+
+def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
+    """Per-datum Pareto-smoothed importance sampling shape :math:`\\hat k`, shape ``(B,)``.
+
+    Fits a generalized Pareto distribution to the largest weights of each
+    datum (``arviz.psislw``). :math:`\\hat k < 0.5`: the variance of the weights
+    is finite; above 0.7 the estimate is unreliable (Vehtari et al. 2024).
+    NaN where ``K < 25`` (too few draws to fit the tail).
+    """
+    num_samples, batch = log_w.shape
+    if num_samples < MIN_KHAT_SAMPLES:
+        return np.full(batch, np.nan)
+    import arviz
+
+    values = log_w.T.detach().double().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, khat = arviz.psislw(values, normalize=False)
+    return np.asarray(khat, dtype=np.float64).reshape(batch)
+
+
+# --- q*: per-datum refinement ---------------------------------------------------
+
+
+def diagonal_normal_parameters(q: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)`` of a diagonal Normal ``q`` (``Normal(...).to_event(1)``).
+
+    Raises:
+        UserError: ``q`` is of another family (the guide cannot be refined).
+    """
+    if (
+        isinstance(q, torch.distributions.Independent)
+        and isinstance(q.base_dist, torch.distributions.Normal)
+        and q.reinterpreted_batch_ndims == 1
+    ):
+        return q.base_dist.loc, q.base_dist.scale
+    family = type(q).__name__
+    if isinstance(q, torch.distributions.Independent):
+        family = f"Independent({type(q.base_dist).__name__})"
+    raise UserError(
+        f"the gap decomposition refines a diagonal Normal q(z|x), but this guide gives "
+        f"{family}; use a guide with a diagonal Normal posterior (e.g. mean-field, local)"
+    )
+
+
+@dataclass
+class Refinement:
+    """What :func:`refine_posterior` returns.
+
+    Args:
+        loc: :math:`\\mu^*`, ``(B, D)``.
+        scale: :math:`\\sigma^*`, ``(B, D)``.
+        steps: Optimizer steps taken.
+        history: Mean ELBO estimate over the batch after each step (nats per datum).
+    """
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+    steps: int
+    history: list[float]
+
+    def distribution(self) -> dist.Independent:
+        """The refined posterior :math:`q^* = \\mathcal N(\\mu^*, \\mathrm{diag}\\,\\sigma^{*2})`.
+
+        Returns:
+            A diagonal Normal, batch shape ``(B,)``, event shape ``(D,)``.
+        """
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+def refine_posterior(
+    vae: VAE,
+    x: torch.Tensor,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    num_particles: int = 10,
+    lr: float = 1e-2,
+    max_steps: int = 2000,
+    window: int = 50,
+    tol: float = 1e-2,
+) -> Refinement:
+    """One diagonal Normal per datum, decoder frozen: :math:`q^*_b = \\arg\\max \\mathrm{ELBO}`.
+
+    .. math::
+
+        \\mathrm{ELBO}(x_b; \\mu_b, \\sigma_b) =
+            \\mathbb E_{\\mathcal N(\\mu_b, \\sigma_b^2)}[\\log p(x_b \\mid z)]
+            - \\mathrm{KL}(\\mathcal N(\\mu_b, \\sigma_b^2) \\,\\|\\, p(z)),
+
+    the expectation by ``num_particles`` reparameterized draws and the KL in
+    closed form where registered (else by the same draws). All data of the
+    batch are optimized jointly by Adam, each with its own parameters (Adam
+    acts elementwise, so each datum's path is its own). Every ``window``
+    steps, the mean ELBO of the last window is compared with the window
+    before; the loop stops when the gain is below ``tol`` nats per datum, or
+    after ``max_steps``. This is the "optimal local posterior" of Cremer et
+    al. (2018) and the E-step of variational EM.
+
+    Args:
+        vae: The model; its parameters are not changed (no gradient flows to them).
+        x: Data ``(B, *event_shape)``.
+        loc: Initial means ``(B, D)`` (e.g. the encoder's).
+        scale: Initial standard deviations ``(B, D)``.
+        num_particles: Draws of z per datum per step.
+        lr: Adam learning rate on ``(loc, log scale)``.
+        max_steps: Cap on the steps.
+        window: Steps per window of the stopping rule.
+        tol: Smallest gain (nats per datum, window mean to window mean) that continues.
+    """
+    if max_steps < 1 or window < 1 or num_particles < 1:
+        raise ConfigError("refine_posterior: max_steps, window and num_particles must be >= 1")
+    loc = loc.detach().clone().requires_grad_(True)
+    log_scale = scale.detach().log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([loc, log_scale], lr=lr)
+    history: list[float] = []
+    steps = 0
+    with torch.enable_grad():
+        prior = vae.prior()
+        for steps in range(1, max_steps + 1):  # noqa: B007  (steps is returned)
+            q = dist.Normal(loc, log_scale.exp()).to_event(1)
+            z = q.rsample((num_particles,))
+            reconstruction = vae.likelihood(z).log_prob(x).mean(0)
+            kl = analytic_kl(q, prior)
+            if kl is None:
+                kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+            elbo = reconstruction - kl
+            grads = torch.autograd.grad(-elbo.sum(), [loc, log_scale])
+            loc.grad, log_scale.grad = grads
+            optimizer.step()
+            history.append(float(elbo.detach().mean()))
+            if steps >= 2 * window and steps % window == 0:
+                gain = np.mean(history[-window:]) - np.mean(history[-2 * window : -window])
+                if gain < tol:
+                    break
+    return Refinement(loc.detach(), log_scale.detach().exp(), steps, history)
+
+
+def fit_local_posterior(vae: VAE, x: torch.Tensor, **options: Any) -> dist.Independent:
+    """A diagonal Normal for data that a non-amortized guide has no parameters for.
+
+    Runs :func:`refine_posterior` (the E-step of variational EM) from
+    :math:`\\mathcal N(0, I)`; ``options`` go to it.
+    """
+    zeros = torch.zeros(x.shape[0], vae.latent_dim, device=x.device, dtype=x.dtype)
+    return refine_posterior(vae, x, zeros, torch.ones_like(zeros), **options).distribution()
+
+
+# --- the evaluation -------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
+
+    Args:
+        summary: The numbers written to ``evaluation.json`` (nats per datum).
+        per_datum: Arrays of length ``num_data`` written to ``evaluation_per_datum.npz``.
+    """
+
+    summary: dict[str, Any]
+    per_datum: dict[str, np.ndarray]
+
+    def table(self) -> str:
+        """A readable table of the summary."""
+        s = self.summary
+        lines = [
+            f"split {s.get('split') or '-'}: {s['num_data']} data, K = {s['num_samples']} "
+            f"importance samples from the {s['proposal']}, seed {s['seed']}",
+            f"  log p(x)           {s['log_likelihood']:10.3f}  "
+            f"± {s['log_likelihood_stderr']:.3f} (stderr over data; "
+            f"Monte Carlo ± {s['log_likelihood_mc_stderr']:.3f})",
+        ]
+        if s.get("exact_log_likelihood") is not None:
+            lines.append(f"  exact log p(x)     {s['exact_log_likelihood']:10.3f}  (closed form)")
+        if s.get("elbo") is not None:
+            lines.append(f"  ELBO (guide)       {s['elbo']:10.3f}  ± {s['elbo_stderr']:.3f}")
+        for k, value in s["iwae"].items():
+            lines.append(f"  L_{k:<16} {value:10.3f}")
+        lines.append(f"  ESS                {s['ess_mean']:10.1f}  mean (of {s['num_samples']})")
+        if s["khat_fraction_above_0_7"] is None:
+            lines.append(f"  k-hat              n/a (needs K >= {MIN_KHAT_SAMPLES})")
+        else:
+            lines.append(
+                f"  k-hat > 0.7        {100 * s['khat_fraction_above_0_7']:9.1f}%  of data "
+                f"(unreliable estimates; mean k-hat {s['khat_mean']:.2f})"
+            )
+        guide = s.get("guide_proposal")
+        if guide is not None:
+            lines.append(
+                f"  guide proposal     {guide['log_likelihood']:10.3f}  log p(x) at the same K, "
+                f"ESS {guide['ess_mean']:.1f}, k-hat > 0.7 for "
+                f"{100 * (guide['khat_fraction_above_0_7'] or 0):.1f}%"
+            )
+        if "approximation_gap" in s:
+            lines += [
+                f"  total gap          {s['total_gap']:10.3f}  log p(x) - ELBO(q)",
+                f"  approximation gap  {s['approximation_gap']:10.3f}  log p(x) - ELBO(q*)",
+                f"  amortization gap   {s['amortization_gap']:10.3f}  ELBO(q*) - ELBO(q)",
+            ]
+        return "\n".join(lines)
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    n = len(values)
+    std = float(np.std(values, ddof=1)) if n > 1 else 0.0
+    return float(np.mean(values)), std / math.sqrt(n)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def check_sample_sizes(num_samples: int, iwae_k: Sequence[int]) -> list[int]:
+    """Validate ``K`` and the IWAE ``K`` list; returns the sorted unique list.
+
+    Raises:
+        ConfigError: ``K < 1``, or an IWAE ``K`` outside ``1..num_samples``.
+    """
+    if num_samples < 1:
+        raise ConfigError(f"the number of importance samples K must be >= 1, got {num_samples}")
+    ks = sorted({int(k) for k in iwae_k})
+    bad = [k for k in ks if not 1 <= k <= num_samples]
+    if bad:
+        raise ConfigError(
+            f"IWAE K = {bad[0]} is not in 1..{num_samples} (the number of importance samples)"
+        )
+    return ks
+
+
+def evaluate(
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 5000,
+    iwae_k: Sequence[int] | None = None,
+    proposal: str = "guide",
+    gaps: bool = False,
+    index: torch.Tensor | None = None,
+    batch_size: int = 100,
+    chunk_size: int = 4096,
+    seed: int = 0,
+    split: str | None = None,
+    progress: bool = False,
+    refine_options: dict[str, Any] | None = None,
+) -> Evaluation:
+    """Importance-sampled :math:`\\log p(x)`, IWAE bounds, ESS, :math:`\\hat k` and gaps, per datum.
+
+    Data are processed ``batch_size`` at a time; for each batch the ``[K, B]``
+    log weights of :func:`log_importance_weights` give
+    :math:`\\log \\hat p(x) = \\mathcal L_K`, the bounds
+    :math:`\\mathcal L_{K'}` for ``K'`` in ``iwae_k``, the ELBO
+    (:math:`\\mathcal L_1` of the guide), the ESS and :math:`\\hat k`. With
+    ``proposal="prior"`` the guide is run too, at the same K, for a side by
+    side comparison. With ``gaps``, :func:`refine_posterior` finds
+    :math:`q^*` for each datum and ``ELBO(q*)`` is estimated with K draws.
+
+    A non-amortized guide (``local``) has parameters for training data only:
+    pass their positions as ``index``; without ``index`` its proposal is
+    fitted per datum by :func:`fit_local_posterior`.
+
+    Args:
+        vae: The trained model (put in eval mode by the caller).
+        x: Data ``(N, *event_shape)`` on the model's device, inside the likelihood's support.
+        num_samples: K.
+        iwae_k: The bounds to report (default: ``1, 10, 100, 1000, 5000`` up to K).
+        proposal: ``"guide"`` or ``"prior"``.
+        gaps: Compute the approximation and amortization gaps.
+        index: Positions of ``x`` in the training set (non-amortized guides).
+        batch_size: Data per batch.
+        chunk_size: Particles x data per decoder call (memory bound).
+        seed: Seed of every draw (the result is reproducible given the seed,
+            batch size and chunk size).
+        split: Name recorded in the summary.
+        progress: Show a progress bar.
+        refine_options: Keyword options of :func:`refine_posterior`.
+
+    Returns:
+        An :class:`Evaluation`; ``summary`` holds ``log_likelihood`` (mean
+        :math:`\\log \\hat p(x)`), ``log_likelihood_stderr`` (standard error
+        over the data), ``log_likelihood_mc_stderr`` (Monte Carlo error of the
+        mean, :func:`log_likelihood_mc_stderr`), ``elbo``, ``iwae`` (K ->
+        bound), ``ess_mean``, ``khat_fraction_above_0_7``, ``num_samples``,
+        ``num_data``, ``split`` and, as available, ``exact_log_likelihood``
+        and the gaps.
+
+    Raises:
+        ConfigError: a bad K, IWAE K, proposal, batch or chunk size.
+        DataError: data that do not fit the model.
+        UserError: ``gaps`` with a guide that is not a diagonal Normal, or a
+            guide proposal from a point-estimate guide.
+    """
+    if iwae_k is None:
+        iwae_k = [k for k in (1, 10, 100, 1000, 5000) if k <= num_samples]
+    ks = check_sample_sizes(num_samples, iwae_k)
+    if proposal not in PROPOSALS:
+        raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if len(x) == 0:
+        raise ConfigError("no data to evaluate")
+    likelihood_name = type(vae.likelihood).__name__
+    check_fits(x, vae.event_shape, vae.likelihood.support, likelihood_name, "evaluation data")
+    point_estimate = _is_point_estimate(vae)
+    if point_estimate and (proposal == "guide" or gaps):
+        raise UserError(
+            "the guide is a point estimate (no density): it can be neither an importance "
+            "sampling proposal nor refined for the gaps; use --proposal prior without --gaps"
+        )
+    if index is not None and index.shape != x.shape[:1]:
+        raise ConfigError(f"index must have shape ({len(x)},), got {tuple(index.shape)}")
+    local = not vae.posterior.amortized and index is None
+    if gaps and not local:  # fail before any work: can this guide's q be refined?
+        with torch.no_grad():
+            diagonal_normal_parameters(vae.posterior(x[:1], None if index is None else index[:1]))
+    refine_options = dict(refine_options or {})
+    exact = linear_gaussian(vae)
+    keys = ["log_likelihood", "log_likelihood_mc_stderr", "ess", "khat"]
+    keys += [f"iwae_{k}" for k in ks]
+    if not point_estimate:
+        keys.append("elbo")
+    if proposal == "prior" and not point_estimate:
+        keys += ["guide_log_likelihood", "guide_ess", "guide_khat"]
+    if gaps:
+        keys += ["refined_elbo", "approximation_gap", "amortization_gap", "refine_steps"]
+    if exact is not None:
+        keys.append("exact_log_likelihood")
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+
+    def keep(key: str, value: torch.Tensor | np.ndarray) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().double().cpu().numpy()
+        parts[key].append(np.asarray(value, dtype=np.float64))
+
+    start_time = time.perf_counter()
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=devices),
+        tqdm(total=len(x), disable=not progress, unit="datum", dynamic_ncols=True) as bar,
+    ):
+        torch.manual_seed(seed)
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            ib = None if index is None else index[start : start + batch_size]
+            guide_q: Distribution | None = None
+            if not point_estimate:
+                if local:
+                    guide_q = fit_local_posterior(vae, xb, **refine_options)
+                else:
+                    with torch.no_grad():
+                        guide_q = vae.posterior(xb, ib)
+            main = guide_q if proposal == "guide" else "prior"
+            log_w = log_importance_weights(
+                vae, xb, num_samples, proposal=main, chunk_size=chunk_size
+            )
+            log_lik = log_mean_exp(log_w)
+            ess = effective_sample_size(log_w)
+            keep("log_likelihood", log_lik)
+            keep("log_likelihood_mc_stderr", log_likelihood_mc_stderr(ess, num_samples))
+            keep("ess", ess)
+            keep("khat", pareto_khat(log_w))
+            for k, bound in iwae_bounds(log_w, ks).items():
+                keep(f"iwae_{k}", bound)
+            guide_log_lik = log_lik
+            if guide_q is not None:
+                guide_log_w = log_w
+                if proposal == "prior":
+                    guide_log_w = log_importance_weights(
+                        vae, xb, num_samples, proposal=guide_q, chunk_size=chunk_size
+                    )
+                    guide_log_lik = log_mean_exp(guide_log_w)
+                    keep("guide_log_likelihood", guide_log_lik)
+                    keep("guide_ess", effective_sample_size(guide_log_w))
+                    keep("guide_khat", pareto_khat(guide_log_w))
+                elbo = guide_log_w.mean(0)
+                keep("elbo", elbo)
+                del guide_log_w
+            del log_w
+            if gaps:
+                assert guide_q is not None
+                loc, scale = diagonal_normal_parameters(guide_q)
+                refined = refine_posterior(vae, xb, loc, scale, **refine_options)
+                refined_elbo = log_importance_weights(
+                    vae, xb, num_samples, proposal=refined.distribution(), chunk_size=chunk_size
+                ).mean(0)
+                keep("refined_elbo", refined_elbo)
+                keep("approximation_gap", guide_log_lik - refined_elbo)
+                keep("amortization_gap", refined_elbo - elbo)
+                keep("refine_steps", np.full(len(xb), refined.steps))
+            if exact is not None:
+                keep("exact_log_likelihood", exact.log_likelihood(xb))
+            bar.update(len(xb))
+    per_datum = {key: np.concatenate(values) for key, values in parts.items()}
+    summary = _summarize(per_datum, ks, num_samples, proposal, seed, split)
+    summary["seconds"] = time.perf_counter() - start_time
+    return Evaluation(summary, per_datum)
+
+
+def _khat_summary(khat: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    """Fraction above 0.7, mean and max of the finite k-hat (None when k-hat is undefined)."""
+    if np.isnan(khat).all():
+        return None, None, None
+    above = float(np.mean(khat > KHAT_THRESHOLD))
+    finite = khat[np.isfinite(khat)]
+    if len(finite) == 0:
+        return above, None, None
+    return above, float(np.mean(finite)), float(np.max(finite))
+
+
+def _summarize(
+    per_datum: dict[str, np.ndarray],
+    ks: list[int],
+    num_samples: int,
+    proposal: str,
+    seed: int,
+    split: str | None,
+) -> dict[str, Any]:
+    log_lik, log_lik_stderr = _mean_and_stderr(per_datum["log_likelihood"])
+    n = len(per_datum["log_likelihood"])
+    fraction, khat_mean, khat_max = _khat_summary(per_datum["khat"])
+    summary: dict[str, Any] = {
+        "split": split,
+        "num_data": n,
+        "num_samples": num_samples,
+        "proposal": proposal,
+        "seed": seed,
+        "log_likelihood": log_lik,
+        "log_likelihood_stderr": log_lik_stderr,
+        "log_likelihood_mc_stderr": float(
+            np.sqrt(np.sum(per_datum["log_likelihood_mc_stderr"] ** 2)) / n
+        ),
+        "elbo": None,
+        "elbo_stderr": None,
+        "iwae": {str(k): float(np.mean(per_datum[f"iwae_{k}"])) for k in ks},
+        "ess_mean": float(np.mean(per_datum["ess"])),
+        "ess_min": float(np.min(per_datum["ess"])),
+        "khat_fraction_above_0_7": fraction,
+        "khat_mean": khat_mean,
+        "khat_max": khat_max,
+    }
+    if "elbo" in per_datum:
+        summary["elbo"], summary["elbo_stderr"] = _mean_and_stderr(per_datum["elbo"])
+    if "guide_log_likelihood" in per_datum:
+        guide_fraction, _, _ = _khat_summary(per_datum["guide_khat"])
+        summary["guide_proposal"] = {
+            "log_likelihood": float(np.mean(per_datum["guide_log_likelihood"])),
+            "ess_mean": float(np.mean(per_datum["guide_ess"])),
+            "khat_fraction_above_0_7": guide_fraction,
+        }
+    if "approximation_gap" in per_datum:
+        guide_log_lik = per_datum.get("guide_log_likelihood", per_datum["log_likelihood"])
+        summary["total_gap"] = float(np.mean(guide_log_lik - per_datum["elbo"]))
+        summary["approximation_gap"] = float(np.mean(per_datum["approximation_gap"]))
+        summary["amortization_gap"] = float(np.mean(per_datum["amortization_gap"]))
+        summary["refined_elbo"] = float(np.mean(per_datum["refined_elbo"]))
+        summary["refine_steps_mean"] = float(np.mean(per_datum["refine_steps"]))
+    if "exact_log_likelihood" in per_datum:
+        summary["exact_log_likelihood"] = float(np.mean(per_datum["exact_log_likelihood"]))
+    return summary
+
+
+# --- run directories and the command line ----------------------------------------
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    num_samples: int | None = None,
+    iwae_k: Sequence[int] | None = None,
+    proposal: str = "guide",
+    gaps: bool = False,
+    max_data: int | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    write: bool = True,
+) -> Evaluation:
+    """Evaluate the model of a run directory on one split of its own data.
+
+    The data are those the run trained against (:func:`pyro_vae.train.load_data`:
+    evaluation splits binarized with the run's fixed seed). Unset options come
+    from the run's ``[eval]`` config section; an unset ``iwae_k`` keeps the
+    configured K up to ``num_samples``. With ``write``, the summary goes to
+    ``RUN_DIR/evaluation.json`` and the per-datum arrays to
+    ``RUN_DIR/evaluation_per_datum.npz``.
+
+    Args:
+        run_dir: A run directory (``config.toml`` + ``checkpoint.pt``).
+        split: ``test``, ``valid`` or ``train`` (as the dataset has them).
+        num_samples: K.
+        iwae_k: The IWAE bounds to report.
+        proposal: ``guide`` or ``prior``.
+        gaps: Also the approximation and amortization gaps.
+        max_data: Evaluate the first N data of the split, in order.
+        batch_size: Data per batch.
+        chunk_size: Particles x data per decoder call.
+        seed: Seed of the draws.
+        device: Where to run.
+        progress: Show a progress bar.
+        write: Write the two files.
+
+    Raises:
+        CheckpointError: no run or checkpoint in ``run_dir``.
+        DataError: a split the dataset lacks, or data that do not fit the model.
+        ConfigError, UserError: as :func:`evaluate`.
+    """
+    from .build import resolve
+    from .checkpoint import CONFIG_FILE, atomic_write_bytes, load
+    from .config import Config
+    from .errors import DataError
+    from .train import load_data, resolve_device
+
+    run_dir = Path(run_dir)
+    vae = load(run_dir, device=str(resolve_device(device)))
+    config = resolve(Config.load(run_dir / CONFIG_FILE))
+    cfg = config.eval
+    num_samples = cfg.num_samples if num_samples is None else num_samples
+    if iwae_k is None:
+        iwae_k = [k for k in cfg.iwae_k if k <= num_samples] or [1]
+    check_sample_sizes(num_samples, iwae_k)
+    if max_data is not None and max_data < 1:
+        raise ConfigError(f"max_data must be >= 1, got {max_data}")
+    data = load_data(config)
+    x = data.split(split)
+    if tuple(x.shape[1:]) != vae.event_shape:
+        raise DataError(
+            f"{data.name} {split}: a datum has shape {tuple(x.shape[1:])} but the trained "
+            f"model expects {vae.event_shape}"
+        )
+    if max_data is not None:
+        x = x[:max_data]
+    x = x.to(vae.prior().mean.device)
+    index = None
+    if split == "train" and not vae.posterior.amortized:
+        index = torch.arange(len(x), device=x.device)
+    result = evaluate(
+        vae,
+        x,
+        num_samples=num_samples,
+        iwae_k=iwae_k,
+        proposal=proposal,
+        gaps=gaps,
+        index=index,
+        batch_size=cfg.batch_size if batch_size is None else batch_size,
+        chunk_size=cfg.chunk_size if chunk_size is None else chunk_size,
+        seed=cfg.seed if seed is None else seed,
+        split=split,
+        progress=progress,
+    )
+    result.summary["run_dir"] = str(run_dir)
+    if write:
+        summary = _json_safe(result.summary)
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write_bytes(run_dir / EVALUATION_FILE, text.encode())
+        buffer = io.BytesIO()
+        np.savez(buffer, **result.per_datum)
+        atomic_write_bytes(run_dir / PER_DATUM_FILE, buffer.getvalue())
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as ``null`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    return value
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--iwae-k {text!r}: expected a comma-separated list of integers, e.g. 1,10,100"
+        ) from None
+    if not ks:
+        raise ConfigError("--iwae-k: expected at least one K, e.g. 1,10,100")
+    return ks
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae evaluate``."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
+    p.add_argument("--split", default="test", help="test, valid or train (default test)")
+    p.add_argument(
+        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
+    )
+    p.add_argument(
+        "--iwae-k", metavar="K1,K2,...", help="IWAE bounds to report (default 1,10,100,1000,5000)"
+    )
+    p.add_argument("--proposal", choices=PROPOSALS, default="guide")
+    p.add_argument(
+        "--gaps", action="store_true", help="approximation and amortization gaps (slower)"
+    )
+    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
+    p.add_argument("--batch-size", type=int, metavar="B", help="data per batch (default 100)")
+    p.add_argument(
+        "--chunk-size", type=int, metavar="S", help="samples per decoder call (default 4096)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``pyro-vae evaluate``: print the table, write the two files."""
+    result = evaluate_run(
+        args.run_dir,
+        split=args.split,
+        num_samples=args.num_samples,
+        iwae_k=None if args.iwae_k is None else _parse_ks(args.iwae_k),
+        proposal=args.proposal,
+        gaps=args.gaps,
+        max_data=args.max_data,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(result.table())
+    print(f"wrote {Path(args.run_dir) / EVALUATION_FILE} and {PER_DATUM_FILE}")
+    return 0

@@ -1,0 +1,875 @@
+"""Figures of a run: training curves, generation, the latent space, collapse, evaluation.
+
+Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` built
+directly (never through ``pyplot``), so nothing here needs a display or
+changes matplotlib's global backend: save one with ``fig.savefig("f.png")``
+or turn it into PNG bytes with :func:`figure_png`. Random draws (prior
+samples, the data shown) come from a fixed ``seed`` inside
+``torch.random.fork_rng``, so the global RNG is left alone.
+
+Image figures need image data, a datum of shape ``(H, W)`` or ``(C, H, W)``
+with ``C`` in {1, 3}; for other data they raise
+:class:`~pyro_vae.errors.DataError`, which :mod:`pyro_vae.report` turns into
+a note. Decoded images are the means of :math:`p(x|z)` (Bernoulli
+probabilities, Normal locations).
+
+Example:
+    >>> from pyro_vae import plots
+    >>> fig = plots.plot_elbo(pyro_vae.read_metrics("runs/digits"))  # doctest: +SKIP
+    >>> fig.savefig("elbo.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
+
+from .errors import DataError
+from .model import VAE, kl_per_dim
+
+#: Burda et al. (2016): dimension d is active when Cov_x(E_q[z_d]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+#: k̂ above this marks an importance-sampling estimate as unreliable (Vehtari et al.).
+KHAT_THRESHOLD = 0.7
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The PNG bytes of ``fig`` (rendered by Agg, whatever the global backend)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw from a fixed seed without touching the caller's CPU RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def is_image_shape(event_shape: Sequence[int]) -> bool:
+    """Whether a datum of this shape is an image: ``(H, W)`` or ``(C, H, W)``, C in {1, 3}."""
+    shape = tuple(event_shape)
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
+
+
+def _require_images(event_shape: Sequence[int]) -> None:
+    if not is_image_shape(event_shape):
+        raise DataError(
+            f"datum shape {tuple(event_shape)} is not an image; image figures need data "
+            "of shape (H, W) or (C, H, W) with C = 1 or 3"
+        )
+
+
+def _require_amortized(vae: VAE) -> None:
+    if not getattr(vae.posterior, "amortized", True):
+        raise DataError(
+            "the guide is not amortized (it has parameters per training datum), so it has "
+            "no posterior for new data; latent figures need an amortized guide"
+        )
+
+
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` or ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def _display_scale(x: torch.Tensor) -> torch.Tensor:
+    """Map values to [0, 1] for display: unchanged when already inside, else min-max scaled."""
+    lo, hi = min(0.0, float(x.min())), max(1.0, float(x.max()))
+    return (x - lo) / (hi - lo)
+
+
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 1) -> torch.Tensor:
+    """Tile images into one ``(3, H', W')`` grid in [0, 1] (:func:`torchvision.utils.make_grid`).
+
+    Args:
+        images: ``(B, H, W)`` or ``(B, C, H, W)``; values outside [0, 1] are
+            min-max scaled together.
+        nrow: Images per row.
+        padding: Pixels between images (drawn mid-grey).
+    """
+    from torchvision.utils import make_grid
+
+    x = _display_scale(_as_images(images.detach().float().cpu()))
+    return make_grid(x, nrow=nrow, padding=padding, pad_value=0.5)
+
+
+def _show_grid(ax: Axes, grid: torch.Tensor) -> None:
+    ax.imshow(grid.permute(1, 2, 0).numpy(), vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+@torch.no_grad()
+def posterior_mean(
+    vae: VAE, x: torch.Tensor, batch_size: int = 1024, num_samples: int = 64, seed: int = 0
+) -> torch.Tensor:
+    """The posterior means :math:`\\mathbb E_{q(z|x_n)}[z]`, shape ``(N, D)``.
+
+    Closed form where the guide's distribution has a ``mean``; otherwise
+    (e.g. a flow) the average of ``num_samples`` draws.
+
+    Raises:
+        DataError: the guide is not amortized (no posterior for new data).
+    """
+    _require_amortized(vae)
+    means = []
+    with _seeded(seed):
+        for start in range(0, len(x), batch_size):
+            q = vae.posterior(x[start : start + batch_size])
+            try:
+                means.append(q.mean)
+            except NotImplementedError:
+                means.append(q.rsample((num_samples,)).mean(0))
+    return torch.cat(means)
+
+
+@torch.no_grad()
+def decode_mean(vae: VAE, z: torch.Tensor) -> torch.Tensor:
+    """The decoded images :math:`\\mathbb E_{p(x|z)}[x]`, shape ``z.shape[:-1] + event_shape``."""
+    return vae.likelihood(z).mean
+
+
+@torch.no_grad()
+def sample_prior_images(vae: VAE, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Decode ``n`` draws :math:`z \\sim p(z)` to the means of :math:`p(x|z)`, ``(n, *event)``."""
+    with _seeded(seed):
+        z = vae.prior().sample((n,))
+    return decode_mean(vae, z)
+
+
+def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """A fixed random choice of ``min(n, n_total)`` indices."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=generator)[: min(n, n_total)]
+
+
+# --- training curves --------------------------------------------------------------
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+    return [e for e, _ in points], [v for _, v in points]
+
+
+def _epoch_axis(ax: Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _require_history(history: Sequence[Mapping[str, Any]]) -> None:
+    if not history:
+        raise DataError("no epochs recorded yet (metrics.jsonl is empty or absent)")
+
+
+def plot_elbo(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """Train and test (and validation) ELBO per datum over epochs.
+
+    The train ELBO is the running average over the epoch's minibatches; the
+    test ELBO is measured after the epoch. A train curve well above the test
+    curve means overfitting.
+
+    Args:
+        history: The per-epoch records of ``metrics.jsonl`` (:func:`~pyro_vae.read_metrics`).
+
+    Returns:
+        A figure with one axis: x = epoch, y = ELBO in nats per datum.
+    """
+    _require_history(history)
+    fig = _figure(6, 3.6)
+    ax = fig.add_subplot()
+    for key, label in (("train_elbo", "train"), ("test_elbo", "test"), ("valid_elbo", "valid")):
+        epochs, values = _series(history, key)
+        if values:
+            ax.plot(epochs, values, "o-", markersize=3, label=label)
+    _epoch_axis(ax)
+    ax.set_ylabel("ELBO (nats per datum)")
+    ax.set_title("ELBO")
+    ax.legend()
+    return fig
+
+
+def plot_elbo_terms(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """The two parts of the test ELBO over epochs, side by side (the tug of war).
+
+    .. math::
+
+        \\mathrm{ELBO} = \\underbrace{\\mathbb E_q[\\log p(x|z)]}_{\\text{reconstruction}}
+            - \\underbrace{\\mathrm{KL}(q(z|x)\\,\\|\\,p(z))}_{\\text{KL}}
+
+    Returns:
+        A figure with two axes: reconstruction term, KL term (nats per datum).
+    """
+    _require_history(history)
+    fig = _figure(9, 3.4)
+    rec_ax, kl_ax = fig.subplots(1, 2)
+    for split in ("test", "valid"):
+        epochs, values = _series(history, f"{split}_reconstruction")
+        if values:
+            rec_ax.plot(epochs, values, "o-", markersize=3, label=split)
+        epochs, values = _series(history, f"{split}_kl")
+        if values:
+            kl_ax.plot(epochs, values, "o-", markersize=3, label=split)
+    rec_ax.set_title(r"reconstruction $\mathbb{E}_q[\log p(x|z)]$")
+    kl_ax.set_title(r"KL$(q(z|x)\,\|\,p(z))$")
+    rec_ax.set_ylabel("nats per datum")
+    for ax in (rec_ax, kl_ax):
+        _epoch_axis(ax)
+        ax.legend()
+    return fig
+
+
+def plot_kl_history(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """The test KL of each latent dimension over epochs, one line per dimension.
+
+    Needs ``test_kl_per_dim`` in the records (written when the guide and the
+    prior both factorize over dimensions, e.g. mean-field with N(0, I)).
+    Dimensions whose line stays at 0 have collapsed to the prior.
+
+    Returns:
+        A figure with one axis: x = epoch, y = KL in nats per datum.
+
+    Raises:
+        DataError: no record has ``test_kl_per_dim``.
+    """
+    _require_history(history)
+    records = [r for r in history if r.get("test_kl_per_dim") is not None]
+    if not records:
+        raise DataError(
+            "the metrics have no test_kl_per_dim (the guide or prior does not factorize "
+            "over latent dimensions, so the KL has no per-dimension closed form)"
+        )
+    epochs = [r["epoch"] for r in records]
+    values = np.asarray([r["test_kl_per_dim"] for r in records], dtype=float)  # (E, D)
+    fig = _figure(6, 3.6)
+    ax = fig.add_subplot()
+    colors = _dimension_colors(values.shape[1])
+    for d in range(values.shape[1]):
+        ax.plot(epochs, values[:, d], "o-", markersize=2, linewidth=1, color=colors[d])
+    _epoch_axis(ax)
+    ax.set_ylabel("KL (nats per datum)")
+    ax.set_title(f"KL per latent dimension (D = {values.shape[1]})")
+    return fig
+
+
+def _dimension_colors(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(count - 1, 1)) for i in range(count)]
+
+
+# --- generation -------------------------------------------------------------------
+
+
+def plot_prior_samples(vae: VAE, n: int = 64, seed: int = 0) -> Figure:
+    """A grid of ``n`` images decoded from :math:`z \\sim p(z)`.
+
+    Returns:
+        A figure with one axis holding the image grid.
+
+    Raises:
+        DataError: the data are not images.
+    """
+    _require_images(vae.event_shape)
+    nrow = math.ceil(math.sqrt(n))
+    grid = image_grid(sample_prior_images(vae, n, seed), nrow=nrow)
+    fig = _figure(5, 5 * grid.shape[1] / grid.shape[2] + 0.4)
+    ax = fig.add_subplot()
+    _show_grid(ax, grid)
+    ax.set_title(r"samples: $z \sim p(z)$, decoded to $\mathbb{E}[x|z]$")
+    return fig
+
+
+def plot_reconstructions(vae: VAE, x: torch.Tensor, n: int = 8, seed: int = 0) -> Figure:
+    """Inputs (top row) beside the decoded posterior means (bottom row).
+
+    The reconstruction of :math:`x` is :math:`\\mathbb E_{p(x|z)}[x]` at
+    :math:`z = \\mathbb E_{q(z|x)}[z]`.
+
+    Args:
+        vae: The model.
+        x: Data ``(N, *event_shape)``; ``n`` of them are chosen with ``seed``.
+        n: How many inputs to show.
+        seed: Seed of the choice.
+
+    Returns:
+        A figure with one axis holding a 2-row image grid.
+    """
+    _require_images(vae.event_shape)
+    chosen = x[_subset(len(x), n, seed)]
+    recon = decode_mean(vae, posterior_mean(vae, chosen))
+    grid = image_grid(torch.cat([chosen, recon]), nrow=len(chosen))
+    fig = _figure(1 + 0.9 * len(chosen), 2.4)
+    ax = fig.add_subplot()
+    _show_grid(ax, grid)
+    ax.set_title("reconstructions: inputs (top), decoded posterior means (bottom)")
+    return fig
+
+
+def plot_interpolations(
+    vae: VAE, x: torch.Tensor, pairs: int = 5, steps: int = 8, seed: int = 0
+) -> Figure:
+    """Decoded straight lines in latent space between pairs of data.
+
+    Row ``i`` shows :math:`x_a`, then :math:`\\mathbb E[x|z_t]` for
+    :math:`z_t = (1-t)\\,\\mu(x_a) + t\\,\\mu(x_b)`, ``t`` in ``steps`` values
+    from 0 to 1, then :math:`x_b`, with :math:`\\mu(x)` the posterior mean.
+
+    Returns:
+        A figure with one axis holding a ``pairs x (steps + 2)`` image grid.
+    """
+    _require_images(vae.event_shape)
+    index = _subset(len(x), 2 * pairs, seed)
+    pairs = len(index) // 2
+    if pairs < 1:
+        raise DataError("interpolation needs at least 2 data")
+    a, b = x[index[:pairs]], x[index[pairs : 2 * pairs]]
+    za, zb = posterior_mean(vae, a), posterior_mean(vae, b)
+    t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    z = (1 - t) * za.unsqueeze(1) + t * zb.unsqueeze(1)  # (pairs, steps, D)
+    decoded = decode_mean(vae, z)  # (pairs, steps, *event)
+    rows = torch.cat([a.unsqueeze(1), decoded, b.unsqueeze(1)], dim=1)
+    grid = image_grid(rows.flatten(0, 1), nrow=steps + 2)
+    fig = _figure(0.7 * (steps + 2) + 0.5, 0.7 * pairs + 0.8)
+    ax = fig.add_subplot()
+    _show_grid(ax, grid)
+    ax.set_title("interpolations between posterior means (data at both ends)")
+    return fig
+
+
+def _prior_quantiles(vae: VAE, u: torch.Tensor, seed: int) -> torch.Tensor:
+    """Marginal quantiles of the prior at levels ``u`` (n,), shape ``(n, D)``.
+
+    The closed-form inverse CDF of a factorized prior where it exists, else
+    empirical quantiles of 20,000 prior draws.
+    """
+    prior = vae.prior()
+    base = getattr(prior, "base_dist", None)
+    levels = u.unsqueeze(-1).expand(len(u), vae.latent_dim)
+    if base is not None:
+        try:
+            return base.icdf(levels)
+        except (NotImplementedError, AttributeError, ValueError, RuntimeError):
+            pass
+    with _seeded(seed):
+        draws = prior.sample((20000,))
+    return torch.quantile(draws, u, dim=0)
+
+
+@torch.no_grad()
+def plot_manifold(vae: VAE, n: int = 15, seed: int = 0) -> Figure:
+    """The learned 2-D manifold: images decoded on a grid of prior quantiles.
+
+    Column ``j`` uses :math:`z_1 = F_1^{-1}(u_j)` and row ``i`` (top to
+    bottom) :math:`z_2 = F_2^{-1}(u_{n-1-i})`, with ``u`` evenly spaced in
+    [0.05, 0.95] and :math:`F_d` the prior's marginal CDF (Kingma & Welling
+    2014, Fig. 4), so equal areas of the grid carry equal prior mass.
+
+    Returns:
+        A figure with one axis holding an ``n x n`` image grid.
+
+    Raises:
+        DataError: the latent space is not 2-D, or the data are not images.
+    """
+    if vae.latent_dim != 2:
+        raise DataError(f"the manifold plot needs latent_dim = 2, this model has {vae.latent_dim}")
+    _require_images(vae.event_shape)
+    u = torch.linspace(0.05, 0.95, n)
+    q = _prior_quantiles(vae, u, seed)  # (n, 2)
+    z1 = q[:, 0].view(1, n).expand(n, n)
+    z2 = q.flip(0)[:, 1].view(n, 1).expand(n, n)
+    z = torch.stack([z1, z2], dim=-1).reshape(n * n, 2)
+    grid = image_grid(decode_mean(vae, z), nrow=n)
+    fig = _figure(6, 6.3)
+    ax = fig.add_subplot()
+    _show_grid(ax, grid)
+    height, width = vae.event_shape[-2:]
+    centers_x = [1 + j * (width + 1) + width / 2 for j in (0, n // 2, n - 1)]
+    centers_y = [1 + i * (height + 1) + height / 2 for i in (0, n // 2, n - 1)]
+    ax.set_xticks(centers_x, [f"{float(q[j, 0]):.2f}" for j in (0, n // 2, n - 1)])
+    ax.set_yticks(centers_y, [f"{float(q[n - 1 - i, 1]):.2f}" for i in (0, n // 2, n - 1)])
+    ax.set_xlabel(r"$z_1$ (prior quantiles 0.05 to 0.95)")
+    ax.set_ylabel(r"$z_2$ (prior quantiles 0.05 to 0.95)")
+    ax.set_title("2-D latent manifold")
+    return fig
+
+
+# --- the latent space -------------------------------------------------------------
+
+
+def _project(z: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """Two coordinates to draw: z itself when D = 2, else PCA (a jitter axis when D = 1)."""
+    if z.shape[1] == 2:
+        return z, (r"$z_1$", r"$z_2$")
+    if z.shape[1] == 1:
+        jitter = np.random.RandomState(0).uniform(-0.5, 0.5, len(z))
+        return np.stack([z[:, 0], jitter], 1), (r"$z_1$", "jitter (no meaning)")
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2, random_state=0)
+    projected = pca.fit_transform(z)
+    r = pca.explained_variance_ratio_
+    return projected, (f"PC 1 ({100 * r[0]:.0f}% of variance)", f"PC 2 ({100 * r[1]:.0f}%)")
+
+
+def _scatter_latent(
+    ax: Axes, vae: VAE, x: torch.Tensor, labels: torch.Tensor | None, title: str
+) -> None:
+    z = posterior_mean(vae, x).cpu().numpy()
+    points, (xlabel, ylabel) = _project(z)
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6, color="C0")
+    else:
+        lab = labels.cpu().numpy()
+        classes = np.unique(lab)
+        cmap = "tab10" if len(classes) <= 10 else "tab20"
+        paths = ax.scatter(points[:, 0], points[:, 1], c=lab, cmap=cmap, s=6, alpha=0.7)
+        if len(classes) <= 20:
+            handles, names = paths.legend_elements(num=list(classes))
+            ax.legend(handles, names, title="label", fontsize=7, loc="best", markerscale=0.8)
+    kind = "" if z.shape[1] <= 2 else f" (PCA of D = {z.shape[1]})"
+    ax.set_title(title + kind)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def plot_latent_scatter(
+    vae: VAE,
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Figure:
+    """The posterior means :math:`\\mathbb E_{q(z|x)}[z]` of data, coloured by label.
+
+    Drawn directly when ``D = 2``, else projected on their first two
+    principal components (PCA of the means).
+
+    Args:
+        vae: The model (with an amortized guide).
+        x: Data ``(N, *event_shape)``.
+        labels: Labels ``(N,)`` or ``None``.
+        max_points: At most this many data, chosen with ``seed``.
+        seed: Seed of the choice.
+
+    Returns:
+        A figure with one axis.
+    """
+    index = _subset(len(x), max_points, seed)
+    fig = _figure(5.5, 5)
+    ax = fig.add_subplot()
+    chosen_labels = None if labels is None else labels[index]
+    _scatter_latent(ax, vae, x[index], chosen_labels, "posterior means")
+    return fig
+
+
+def model_kind(vae: VAE) -> str:
+    """``"AE"`` for a point-estimate guide (KL weight 0), else ``"VAE"``."""
+    return "AE" if getattr(vae.posterior, "kl_weight", 1.0) == 0 else "VAE"
+
+
+def plot_latent_comparison(
+    models: Mapping[str, VAE],
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Figure:
+    """The latent spaces of several models on the same data, side by side (e.g. AE vs VAE).
+
+    An autoencoder's codes are unconstrained, so they may spread over any
+    scale and leave gaps; a VAE's KL term pulls the posterior means towards
+    the prior, giving a compact space without holes that decodes well.
+
+    Args:
+        models: Title -> model, trained on data of the same shape.
+        x: Data ``(N, *event_shape)``; the same chosen points go to every panel.
+        labels: Labels ``(N,)`` or ``None``.
+        max_points: At most this many data.
+        seed: Seed of the choice.
+
+    Returns:
+        A figure with one axis per model.
+    """
+    if not models:
+        raise DataError("plot_latent_comparison needs at least one model")
+    index = _subset(len(x), max_points, seed)
+    chosen_labels = None if labels is None else labels[index]
+    fig = _figure(5 * len(models), 4.8)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, (title, vae) in zip(axes, models.items(), strict=True):
+        if tuple(vae.event_shape) != tuple(x.shape[1:]):
+            raise DataError(
+                f"model {title!r} expects data of shape {tuple(vae.event_shape)}, "
+                f"got {tuple(x.shape[1:])}"
+            )
+        _scatter_latent(ax, vae, x[index], chosen_labels, title)
+    return fig
+
+
+def compare_runs(
+    run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], split: str = "test"
+) -> Figure:
+    """:func:`plot_latent_comparison` of two run directories on ``split`` of run A's data.
+
+    Raises:
+        DataError: the runs were trained on different datasets or datum shapes.
+        CheckpointError: a run directory has no checkpoint.
+    """
+    from .checkpoint import CONFIG_FILE, load
+    from .config import Config
+    from .train import load_data
+
+    paths = [Path(run_a), Path(run_b)]
+    configs = [Config.load(p / CONFIG_FILE) for p in paths]
+    if configs[0].data.name != configs[1].data.name:
+        raise DataError(
+            f"the runs use different datasets ({configs[0].data.name} vs "
+            f"{configs[1].data.name}); compare runs trained on the same data"
+        )
+    vaes = [load(p) for p in paths]
+    data = load_data(configs[0])
+    x = data.split(split)
+    models = {}
+    for path, config, vae in zip(paths, configs, vaes, strict=True):
+        title = f"{model_kind(vae)}: {path.name} ({config.model.guide.name} guide)"
+        models[title if title not in models else f"{title} [2]"] = vae
+    return plot_latent_comparison(models, x, data.labels.get(split))
+
+
+# --- posterior collapse -----------------------------------------------------------
+
+
+@dataclass
+class ActiveUnits:
+    """Activity of each latent dimension (Burda et al. 2016, "Importance Weighted Autoencoders").
+
+    .. math::
+
+        A_d = \\mathrm{Cov}_x\\big(\\mathbb E_{q(z|x)}[z_d]\\big),
+        \\qquad d \\text{ is active} \\iff A_d > \\text{threshold}.
+
+    Args:
+        activity: :math:`A_d`, shape ``(D,)``.
+        threshold: The activity threshold (0.01 in Burda et al.).
+    """
+
+    activity: torch.Tensor
+    threshold: float = ACTIVE_UNIT_THRESHOLD
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Boolean mask ``(D,)`` of the active dimensions."""
+        return self.activity > self.threshold
+
+    @property
+    def count(self) -> int:
+        """How many dimensions are active."""
+        return int(self.active.sum())
+
+
+def active_units(
+    vae: VAE, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> ActiveUnits:
+    """The activity of every latent dimension on data ``x`` ``(N, *event_shape)``.
+
+    :math:`A_d` is the variance over the data of the posterior mean of
+    :math:`z_d` (the unbiased sample variance, N - 1 in the denominator). A
+    dimension the decoder ignores has a posterior equal to the prior whatever
+    x is, so its mean does not vary: :math:`A_d \\approx 0`.
+
+    Reference: Burda, Grosse & Salakhutdinov (2016), "Importance Weighted
+    Autoencoders", section 5.2.
+    """
+    if len(x) < 2:
+        raise DataError("active units need at least 2 data")
+    return ActiveUnits(posterior_mean(vae, x).var(dim=0), threshold)
+
+
+@torch.no_grad()
+def mean_kl_per_dim(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Mean closed-form KL of each latent dimension over data ``x``, shape ``(D,)``.
+
+    Raises:
+        DataError: the guide or the prior does not factorize over dimensions.
+    """
+    _require_amortized(vae)
+    total = None
+    for start in range(0, len(x), batch_size):
+        dims = kl_per_dim(vae.posterior(x[start : start + batch_size]), vae.prior())
+        if dims is None:
+            raise DataError(
+                "the KL has no per-dimension closed form for this guide and prior "
+                "(both must factorize over latent dimensions)"
+            )
+        total = dims.sum(0) if total is None else total + dims.sum(0)
+    assert total is not None
+    return total / len(x)
+
+
+def plot_kl_per_dim(
+    kl: Sequence[float] | torch.Tensor,
+    activity: Sequence[float] | torch.Tensor | None = None,
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+) -> Figure:
+    """KL per latent dimension as bars; with ``activity``, a second panel of :math:`A_d`.
+
+    Args:
+        kl: Mean :math:`\\mathrm{KL}(q(z_d|x)\\|p(z_d))` per dimension, ``(D,)``
+            (e.g. the last ``test_kl_per_dim``, or :func:`mean_kl_per_dim`).
+        activity: :math:`A_d` per dimension (:func:`active_units`), or ``None``.
+        threshold: The activity threshold, drawn as a line.
+
+    Returns:
+        A figure with one axis (KL), or two (KL, activity on a log scale)
+        when ``activity`` is given; bars of inactive dimensions are grey.
+    """
+    values = np.asarray(kl, dtype=float)
+    dims = np.arange(len(values))
+    active = None if activity is None else np.asarray(activity, dtype=float) > threshold
+    colors = ["C0"] * len(values) if active is None else ["C0" if a else "0.7" for a in active]
+    fig = _figure(max(5, 0.3 * len(values) + 2), 3.2 if activity is None else 5.5)
+    axes = fig.subplots(1 if activity is None else 2, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].bar(dims, values, color=colors)
+    axes[0].set_ylabel("KL (nats per datum)")
+    axes[0].set_title(f"KL per latent dimension (total {values.sum():.2f} nats)")
+    if activity is not None:
+        act = np.asarray(activity, dtype=float)
+        axes[1].bar(dims, np.maximum(act, 1e-12), color=colors)
+        axes[1].axhline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")
+        axes[1].set_yscale("log")
+        axes[1].yaxis.set_minor_formatter(NullFormatter())
+        axes[1].set_ylabel(r"activity $\mathrm{Cov}_x(\mathbb{E}_q[z_d])$")
+        axes[1].set_title(f"active units: {int(active.sum())} of {len(act)} (grey: inactive)")
+        axes[1].legend(fontsize=8)
+    axes[-1].set_xlabel("latent dimension d")
+    if len(values) <= 32:
+        axes[-1].set_xticks(dims)
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+# --- evaluation diagnostics ------------------------------------------------------
+
+
+def plot_iwae_bound(evaluation: Mapping[str, Any]) -> Figure:
+    """The IWAE bound against the number of importance samples K.
+
+    .. math::
+
+        \\mathcal L_K(x) = \\mathbb E\\Big[\\log \\frac1K \\sum_{k=1}^K
+            \\frac{p(x, z_k)}{q(z_k|x)}\\Big], \\qquad z_k \\sim q(z|x),
+
+    rises with K (:math:`\\mathcal L_1` is the ELBO) towards
+    :math:`\\log p(x)` (Burda et al. 2016). A curve still climbing at the
+    largest K means the estimate is still short of :math:`\\log p(x)`.
+
+    Args:
+        evaluation: The contents of ``evaluation.json``: ``iwae`` (K as a
+            string -> bound), and optionally ``log_likelihood`` with
+            ``log_likelihood_mc_stderr`` (the band; else ``log_likelihood_stderr``),
+            ``elbo``, ``exact_log_likelihood``, ``num_samples``.
+
+    Returns:
+        A figure with one axis: x = K (log scale), y = nats per datum.
+    """
+    bounds = {k: v for k, v in (evaluation.get("iwae") or {}).items() if v is not None}
+    if not bounds:
+        raise DataError("evaluation.json has no IWAE bounds ('iwae' is empty or absent)")
+    ks = sorted(bounds, key=lambda k: int(k))
+    k_values = [int(k) for k in ks]
+    fig = _figure(6, 3.8)
+    ax = fig.add_subplot()
+    ax.plot(k_values, [bounds[k] for k in ks], "o-", label=r"IWAE bound $\mathcal{L}_K$")
+    ll = evaluation.get("log_likelihood")
+    if ll is not None:
+        k_max = evaluation.get("num_samples", max(k_values))
+        label = rf"$\log \hat p(x)$, K = {k_max}"
+        mc_se = evaluation.get("log_likelihood_mc_stderr")
+        se = mc_se if mc_se is not None else evaluation.get("log_likelihood_stderr")
+        if se:
+            kind = "Monte Carlo" if mc_se is not None else "over the data"
+            label += rf" ($\pm$ 2 s.e. {kind})"
+            ax.axhspan(ll - 2 * se, ll + 2 * se, color="C1", alpha=0.2)
+        ax.axhline(ll, color="C1", label=label)
+    if evaluation.get("elbo") is not None:
+        ax.axhline(evaluation["elbo"], color="C2", linestyle=":", label="ELBO")
+    if evaluation.get("exact_log_likelihood") is not None:
+        ax.axhline(
+            evaluation["exact_log_likelihood"], color="k", linestyle="--", label="exact log p(x)"
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(k_values, [str(k) for k in k_values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("K (importance samples per datum)")
+    ax.set_ylabel("nats per datum")
+    ax.set_title("IWAE bound against K")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_khat(khat: Sequence[float] | np.ndarray) -> Figure:
+    """The Pareto :math:`\\hat k` of each datum's importance weights (``arviz.plot_khat``).
+
+    :math:`\\hat k` is the fitted shape of the generalized Pareto tail of the
+    weights :math:`p(x, z_k)/q(z_k|x)`. Below 0.5 the estimate of
+    :math:`\\log p(x)` converges fast; from 0.5 to 0.7 it is usable but
+    slower; above 0.7 the weights' variance is effectively infinite and the
+    estimate of that datum is unreliable (Vehtari et al. 2024, "Pareto
+    Smoothed Importance Sampling").
+
+    Args:
+        khat: :math:`\\hat k` per datum (NaN values, where undefined, are left out).
+
+    Returns:
+        A figure with one axis: x = datum, y = :math:`\\hat k`, lines at 0, 0.5, 0.7, 1.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+
+    values = np.asarray(khat, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise DataError(
+            "k-hat is undefined (no finite values: fewer than 25 importance samples per datum "
+            "are too few to fit the Pareto tail)"
+        )
+    fig = _figure(6, 3.6)
+    ax = fig.add_subplot()
+    with warnings.catch_warnings():
+        # arviz warns that arrays (not ELPDData) are deprecated, and about matplotlib API
+        # it uses; neither concerns the caller
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        az.plot_khat(values, ax=ax, show_hlines=True, show=False, markersize=6)
+    above = float(np.mean(values > KHAT_THRESHOLD))
+    ax.set_title(rf"Pareto $\hat{{k}}$ per datum: {100 * above:.1f}% above {KHAT_THRESHOLD}")
+    ax.set_xlabel("datum", fontsize=10)
+    ax.set_ylabel(r"$\hat{k}$", fontsize=10)
+    ax.tick_params(labelsize=9)
+    return fig
+
+
+def plot_ess(ess: Sequence[float] | np.ndarray, num_samples: int | None = None) -> Figure:
+    """Histogram of the per-datum effective sample size of the importance weights.
+
+    .. math::
+
+        \\mathrm{ESS}(x) = \\frac{(\\sum_k w_k)^2}{\\sum_k w_k^2}
+            \\in [1, K], \\qquad w_k = \\frac{p(x, z_k)}{q(z_k|x)}.
+
+    An ESS near 1 means a single sample carries all the weight: q(z|x) is a
+    poor proposal for that datum (Kong 1992; Owen 2013, ch. 9).
+
+    Args:
+        ess: ESS per datum.
+        num_samples: K, drawn as a line (the largest possible ESS).
+
+    Returns:
+        A figure with one axis.
+    """
+    values = np.asarray(ess, dtype=float)
+    if values.size == 0:
+        raise DataError("no ESS values to plot")
+    fig = _figure(6, 3.4)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=30, color="C0")
+    ax.axvline(values.mean(), color="C1", label=f"mean {values.mean():.1f}")
+    if num_samples is not None:
+        ax.axvline(num_samples, color="k", linestyle="--", label=f"K = {num_samples}")
+    ax.set_xlabel("effective sample size per datum")
+    ax.set_ylabel("data")
+    ax.set_title("ESS of the importance weights")
+    ax.legend(fontsize=8)
+    return fig
+
+
+#: Per-datum gaps drawn by :func:`plot_gaps`: key -> title.
+GAPS = {
+    "inference_gap": r"inference gap $\log \hat p(x) - \mathrm{ELBO}(x)$",
+    "approximation_gap": "approximation gap",
+    "amortization_gap": "amortization gap",
+}
+
+
+def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
+    """Histograms of per-datum gaps between bounds, one panel per gap available.
+
+    The inference gap :math:`\\log \\hat p(x) - \\mathrm{ELBO}(x)` estimates
+    :math:`\\mathrm{KL}(q(z|x)\\,\\|\\,p(z|x)) \\ge 0` (single estimates can be
+    slightly negative from Monte Carlo noise). When present, it splits into the
+    approximation gap :math:`\\log p(x) - \\mathrm{ELBO}_{q^*}(x)` (the best
+    member of the guide's family) and the amortization gap
+    :math:`\\mathrm{ELBO}_{q^*}(x) - \\mathrm{ELBO}_q(x)` (the encoder's
+    shortfall) (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in
+    Variational Autoencoders").
+
+    Args:
+        per_datum: Arrays ``(N,)`` of ``evaluation_per_datum.npz``: needs
+            ``log_likelihood`` (or ``guide_log_likelihood``, the guide-proposal
+            estimate, used first when present) and ``elbo``; optional
+            ``approximation_gap``, ``amortization_gap``. Non-finite values are
+            left out.
+
+    Returns:
+        A figure with one axis per gap.
+    """
+    gaps: dict[str, np.ndarray] = {}
+    log_lik = per_datum.get("guide_log_likelihood", per_datum.get("log_likelihood"))
+    if log_lik is not None and "elbo" in per_datum:
+        gaps["inference_gap"] = np.asarray(log_lik, float) - np.asarray(per_datum["elbo"], float)
+    for key in ("approximation_gap", "amortization_gap"):
+        if key in per_datum:
+            gaps[key] = np.asarray(per_datum[key], dtype=float)
+    gaps = {k: v[np.isfinite(v)] for k, v in gaps.items() if np.isfinite(v).any()}
+    if not gaps:
+        raise DataError("the per-datum arrays hold no gaps (need log_likelihood and elbo)")
+    fig = _figure(4.2 * len(gaps), 3.4)
+    axes = fig.subplots(1, len(gaps), squeeze=False)[0]
+    for ax, (key, values) in zip(axes, gaps.items(), strict=True):
+        ax.hist(values, bins=30, color="C0")
+        ax.axvline(values.mean(), color="C1", label=f"mean {values.mean():.2f}")
+        ax.set_title(GAPS[key], fontsize=10)
+        ax.set_xlabel("nats")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("data")
+    return fig
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> Path:
+    """Write ``images`` ``(B, H, W)`` or ``(B, C, H, W)`` as one PNG grid; returns the path."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image_grid(images, nrow=nrow, padding=2), path, format="png")
+    return path
