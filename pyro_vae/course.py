@@ -1,0 +1,410 @@
+"""Helpers for the course notebooks in ``notebooks/``: the smoke flag and the exercise checks.
+
+The smoke flag: when the environment variable ``PYRO_VAE_SMOKE`` is set (to
+anything but ``""``, ``"0"`` or ``"false"``), :func:`smoke` is true and the
+notebooks shrink their data, epochs and sample sizes with :func:`pick` so
+that each runs in well under a minute (the test suite sets it; see
+``notebooks/conftest.py``). Without it they run the full experiments whose
+conclusions the figures show.
+
+Each notebook ends with one exercise; its ``check_*`` function here calls
+the student's function on fixed inputs, compares the result with a reference
+(torch, or this package), prints one line that says whether the answer is
+right (and, if not, what is wrong), and returns ``True`` or ``False``. A
+check never raises because of the student's code: an exception, a wrong
+shape or a wrong value is reported and gives ``False``.
+
+Example:
+    >>> from pyro_vae import course
+    >>> course.check_reparameterize(lambda loc, scale, eps: loc + scale * eps)
+    correct: z = loc + scale * eps, differentiable in loc and scale
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+#: The environment variable that turns the notebooks' smoke mode on.
+SMOKE_ENV = "PYRO_VAE_SMOKE"
+
+T = TypeVar("T")
+
+
+def smoke() -> bool:
+    """Whether ``PYRO_VAE_SMOKE`` is set to a true value (anything but ``""``, ``0``, ``false``)."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pick(full: T, smoke_value: T) -> T:
+    """``smoke_value`` under the smoke flag (:func:`smoke`), else ``full``.
+
+    Example:
+        >>> epochs = pick(200, 2)  # 2 in the test suite, 200 for the students
+    """
+    return smoke_value if smoke() else full
+
+
+# --- reporting ------------------------------------------------------------------
+
+
+class _Wrong(Exception):
+    """Raised inside a check when the answer is wrong; the message says why."""
+
+
+def _run_check(name: str, body: Callable[[], str]) -> bool:
+    """Run ``body`` (which returns the success message); print the verdict, return it."""
+    try:
+        message = body()
+    except _Wrong as wrong:
+        print(f"not yet right ({name}): {wrong}")
+        return False
+    except NotImplementedError:
+        print(f"not yet right ({name}): not implemented yet -- replace the `raise` with your code")
+        return False
+    except Exception as error:  # noqa: BLE001 - any error in the student's code is reported
+        print(f"not yet right ({name}): your function raised {type(error).__name__}: {error}")
+        return False
+    print(f"correct: {message}")
+    return True
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    raise _Wrong(f"{what} should be a torch.Tensor, got {type(value).__name__}")
+
+
+def _expect_close(
+    got: Any, expected: torch.Tensor, what: str, rtol: float = 1e-4, atol: float = 1e-5
+) -> torch.Tensor:
+    got = _as_tensor(got, what)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise _Wrong(f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    got_d, expected_d = got.detach().double(), expected.detach().double()
+    if not torch.isfinite(got_d).all():
+        raise _Wrong(f"{what} has non-finite values (NaN or inf): check the numerics")
+    if not torch.allclose(got_d, expected_d, rtol=rtol, atol=atol):
+        err = (got_d - expected_d).abs().max().item()
+        raise _Wrong(f"{what} differs from the reference (largest error {err:.3g})")
+    return got
+
+
+# --- 01: the reparameterization trick ---------------------------------------------
+
+
+def check_reparameterize(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> bool:
+    r"""Check ``fn(loc, scale, eps)``: the draw :math:`z = \mu + \sigma \odot \varepsilon`.
+
+    The value must match, and gradients must flow to ``loc`` and ``scale``:
+    :math:`\partial z / \partial \mu = 1`, :math:`\partial z / \partial \sigma = \varepsilon`
+    (Kingma & Welling 2014, sec. 2.4).
+
+    Args:
+        fn: The student's function; tensors of shape ``(B, D)`` in, ``(B, D)`` out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(1)
+        loc = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+        scale = torch.rand(5, 3, generator=generator, dtype=torch.float64) + 0.5
+        scale.requires_grad_(True)
+        eps = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        z = _expect_close(fn(loc, scale, eps), loc + scale * eps, "z")
+        if not z.requires_grad:
+            raise _Wrong("z carries no gradient: build it from loc and scale, don't detach")
+        weights = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        grad_loc, grad_scale = torch.autograd.grad(
+            (z * weights).sum(), [loc, scale], allow_unused=True
+        )
+        if grad_loc is None or grad_scale is None:
+            raise _Wrong("z must depend on both loc and scale (a gradient is missing)")
+        if not torch.allclose(grad_loc, weights) or not torch.allclose(grad_scale, weights * eps):
+            raise _Wrong("the gradients of z are wrong: expected dz/dloc = 1, dz/dscale = eps")
+        return "z = loc + scale * eps, differentiable in loc and scale"
+
+    return _run_check("reparameterize", body)
+
+
+# --- 02: the Gaussian KL ----------------------------------------------------------
+
+
+def check_kl_standard_normal(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> bool:
+    r"""Check ``fn(mu, sigma)``: :math:`\mathrm{KL}(\mathcal N(\mu, \sigma^2) \| \mathcal N(0, 1))`.
+
+    .. math::
+
+        \mathrm{KL} = \tfrac12 (\mu^2 + \sigma^2 - \log \sigma^2 - 1),
+
+    compared with :func:`torch.distributions.kl_divergence` on a grid of
+    :math:`\mu \in [-3, 3]`, :math:`\sigma \in [0.05, 4]`.
+
+    Args:
+        fn: The student's function; tensors of one shape in, the same shape out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+
+    def body() -> str:
+        mu, sigma = torch.meshgrid(
+            torch.linspace(-3, 3, 13, dtype=torch.float64),
+            torch.exp(torch.linspace(math.log(0.05), math.log(4.0), 11, dtype=torch.float64)),
+            indexing="ij",
+        )
+        expected = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)
+        )
+        got = _expect_close(fn(mu, sigma), expected, "KL")
+        if (got < -1e-9).any():
+            raise _Wrong("a KL divergence is never negative")
+        return "KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - log sigma^2 - 1) / 2"
+
+    return _run_check("KL", body)
+
+
+# --- 03: KL warm-up ---------------------------------------------------------------
+
+
+def check_kl_warmup(fn: Callable[[float, int, int], Any]) -> bool:
+    r"""Check ``fn(beta, warmup_epochs, epoch)``: the linear KL warm-up schedule.
+
+    .. math::
+
+        \beta_e = \beta \min\bigl(1, (e - 1)/W\bigr), \qquad \beta_e = \beta \text{ if } W = 0,
+
+    for 1-based epochs ``e`` (0 in the first epoch), compared with
+    :func:`pyro_vae.objectives.kl_weight`, the schedule the trainer uses.
+
+    Args:
+        fn: The student's function; returns a float.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    from .objectives import kl_weight
+
+    def body() -> str:
+        for beta in (1.0, 0.5):
+            for warmup in (0, 1, 4, 10):
+                for epoch in range(1, 16):
+                    got = fn(beta, warmup, epoch)
+                    if isinstance(got, torch.Tensor):
+                        got = got.item()
+                    if not isinstance(got, (int, float)):
+                        raise _Wrong(f"return a number, got {type(got).__name__}")
+                    expected = kl_weight(beta, warmup, epoch)
+                    if not math.isclose(float(got), expected, abs_tol=1e-9):
+                        raise _Wrong(
+                            f"beta={beta}, W={warmup}, epoch {epoch}: got {got}, expected "
+                            f"{expected:g} (epochs count from 1; the first epoch has weight 0)"
+                        )
+        return "beta_e = beta * min(1, (e - 1) / W), and beta when W = 0"
+
+    return _run_check("KL warm-up", body)
+
+
+# --- 04: the continuous Bernoulli ---------------------------------------------------
+
+
+def check_continuous_bernoulli_log_normalizer(fn: Callable[[torch.Tensor], Any]) -> bool:
+    r"""Check ``fn(lam)``: :math:`\log C(\lambda)` of the continuous Bernoulli.
+
+    .. math::
+
+        C(\lambda) = \frac{2\,\mathrm{artanh}(1 - 2\lambda)}{1 - 2\lambda}
+        \quad (\lambda \ne \tfrac12), \qquad C(\tfrac12) = 2,
+
+    the constant that makes :math:`C(\lambda)\lambda^x(1-\lambda)^{1-x}` a density
+    on [0, 1] (Loaiza-Ganem & Cunningham 2019). Compared with the log density
+    of :class:`torch.distributions.ContinuousBernoulli` minus the Bernoulli part,
+    at :math:`\lambda` in [0.02, 0.98] away from 1/2 (where the formula is 0/0).
+
+    Args:
+        fn: The student's function; a tensor of probabilities in, the same shape out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+
+    def body() -> str:
+        lam = torch.cat(
+            [
+                torch.linspace(0.02, 0.45, 12, dtype=torch.float64),
+                torch.linspace(0.55, 0.98, 12, dtype=torch.float64),
+            ]
+        )
+        x = torch.full_like(lam, 0.3)
+        cb = torch.distributions.ContinuousBernoulli(probs=lam)
+        bernoulli_part = x * torch.log(lam) + (1 - x) * torch.log1p(-lam)
+        expected = cb.log_prob(x) - bernoulli_part
+        _expect_close(fn(lam), expected, "log C(lambda)", rtol=1e-3, atol=1e-4)
+        return "log C(lambda) = log(2 artanh(1 - 2 lambda) / (1 - 2 lambda))"
+
+    return _run_check("continuous Bernoulli normalizer", body)
+
+
+# --- 05: log-mean-exp -------------------------------------------------------------
+
+
+def check_log_mean_exp(fn: Callable[[torch.Tensor], Any]) -> bool:
+    r"""Check ``fn(log_w)``: :math:`\log \hat p(x) = \log \frac1K \sum_k w_k` per datum, stably.
+
+    ``log_w`` has shape ``(K, B)`` (particles first) and the answer shape
+    ``(B,)``. The inputs include log weights near -1000 and +1000, where
+    ``log(mean(exp(log_w)))`` under- or overflows: shift by the maximum
+    (``torch.logsumexp``). Compared with :func:`pyro_vae.evaluate.log_mean_exp`.
+
+    Args:
+        fn: The student's function.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    from .evaluate import log_mean_exp
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(2)
+        log_w = 3 * torch.randn(50, 4, generator=generator, dtype=torch.float64)
+        log_w = log_w + torch.tensor([0.0, -1000.0, 1000.0, -5.0], dtype=torch.float64)
+        _expect_close(fn(log_w), log_mean_exp(log_w, 0), "log p_hat(x)", rtol=1e-6, atol=1e-6)
+        return "log p_hat = logsumexp(log_w, 0) - log K, stable at any scale"
+
+    return _run_check("log-mean-exp", body)
+
+
+# --- 06: the optimal mean-field posterior -------------------------------------------
+
+
+def check_optimal_diagonal(
+    fn: Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], Any],
+) -> bool:
+    r"""Check ``fn(W, b, sigma, x)``: the best diagonal Normal of a linear-Gaussian model.
+
+    For :math:`x \mid z \sim \mathcal N(Wz + b, \sigma^2 I)`, :math:`z \sim \mathcal N(0, I)`,
+    the diagonal Normal of highest ELBO has the exact posterior mean
+    :math:`\Sigma W^\top (x - b)/\sigma^2` and variances :math:`1/\Lambda_{jj}`,
+    with :math:`\Lambda = I + W^\top W/\sigma^2` the posterior precision (not
+    :math:`\Sigma_{jj} = (\Lambda^{-1})_{jj}`: mean-field underestimates the
+    variance). Compared with
+    :meth:`pyro_vae.exact.LinearGaussian.optimal_diagonal`.
+
+    Args:
+        fn: The student's function: ``W`` ``(d, D)``, ``b`` ``(d,)``, σ a float,
+            ``x`` ``(B, d)``; returns ``(mean, variance)``, mean ``(B, D)``,
+            variance ``(D,)`` or ``(B, D)``.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    from .exact import LinearGaussian
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(3)
+        weight = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+        weight[:, 1] += weight[:, 0]  # correlated columns: a non-diagonal posterior
+        bias = torch.randn(6, generator=generator, dtype=torch.float64)
+        sigma = 0.7
+        x = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+        q = LinearGaussian(weight, bias, sigma).optimal_diagonal(x)
+        answer = fn(weight, bias, sigma, x)
+        if not (isinstance(answer, tuple | list) and len(answer) == 2):
+            raise _Wrong("return a pair (mean, variance)")
+        mean, variance = answer
+        _expect_close(mean, q.base_dist.loc, "the mean")
+        variance = _as_tensor(variance, "the variance")
+        if tuple(variance.shape) == (3,):
+            variance = variance.expand(4, 3)
+        _expect_close(variance, q.base_dist.scale**2, "the variance")
+        return "q* has the posterior mean and variances 1 / Lambda_jj"
+
+    return _run_check("optimal diagonal q*", body)
+
+
+# --- 07: pPCA -----------------------------------------------------------------------
+
+
+def check_ppca_noise_variance(fn: Callable[[torch.Tensor, int], Any]) -> bool:
+    r"""Check ``fn(eigenvalues, latent_dim)``: the maximum-likelihood pPCA noise variance.
+
+    .. math::
+
+        \hat\sigma^2 = \frac{1}{d - D} \sum_{j = D+1}^{d} \lambda_j,
+
+    the mean of the discarded eigenvalues of the data covariance
+    (Tipping & Bishop 1999, eq. (8)); ``eigenvalues`` come in decreasing order.
+
+    Args:
+        fn: The student's function: a ``(d,)`` tensor and ``D`` in, a number out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(4)
+        for d, latent in ((10, 2), (7, 3), (5, 4)):
+            eig = torch.rand(d, generator=generator, dtype=torch.float64).mul(5).sort().values
+            eig = eig.flip(0)
+            got = fn(eig.clone(), latent)
+            got = float(got.item() if isinstance(got, torch.Tensor) else got)
+            expected = float(eig[latent:].mean())
+            if not math.isclose(got, expected, rel_tol=1e-6):
+                raise _Wrong(
+                    f"d = {d}, D = {latent}: got {got:.4g}, expected {expected:.4g} "
+                    "(which eigenvalues does the noise explain?)"
+                )
+        return "sigma^2 is the mean of the d - latent_dim smallest eigenvalues"
+
+    return _run_check("pPCA noise variance", body)
+
+
+# --- 08: a mixture's log density ----------------------------------------------------
+
+
+def check_mixture_log_density(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Any],
+) -> bool:
+    r"""Check ``fn(x, weights, means, scales)``: the log density of a diagonal Gaussian mixture.
+
+    .. math::
+
+        \log p(x) = \log \sum_{k=1}^K \pi_k \prod_j \mathcal N(x_j; m_{kj}, s_{kj}^2),
+
+    with ``x`` ``(B, d)``, ``weights`` ``(K,)`` summing to 1, ``means`` and
+    ``scales`` ``(K, d)``; the answer has shape ``(B,)``. Some points lie far
+    from every component, where the densities underflow to 0 unless the sum is
+    taken in log space (``torch.logsumexp``). Compared with
+    :class:`torch.distributions.MixtureSameFamily`.
+
+    Args:
+        fn: The student's function.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    import torch.distributions as td
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(5)
+        k, d = 4, 3
+        weights = torch.softmax(torch.randn(k, generator=generator, dtype=torch.float64), 0)
+        means = 2 * torch.randn(k, d, generator=generator, dtype=torch.float64)
+        scales = 0.3 + torch.rand(k, d, generator=generator, dtype=torch.float64)
+        x = torch.randn(6, d, generator=generator, dtype=torch.float64)
+        x[0] += 60.0  # far from every component: exp(log density) underflows
+        mixture = td.MixtureSameFamily(
+            td.Categorical(probs=weights), td.Independent(td.Normal(means, scales), 1)
+        )
+        _expect_close(fn(x, weights, means, scales), mixture.log_prob(x), "log p(x)")
+        return "log p(x) = logsumexp_k(log pi_k + log N(x; m_k, diag s_k^2))"
+
+    return _run_check("mixture log density", body)
