@@ -132,3 +132,18 @@ def test_component_shapes():
     rec, kl = vae.elbo_terms(x)
     assert rec.shape == kl.shape == (6,)
     assert (kl >= 0).all()
+
+
+def test_fused_bernoulli_log_prob_equals_pyro_bernoulli():
+    from pyro_vae.likelihoods import IndependentBernoulli
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 4, 4, generator=g) * 3
+    x = torch.bernoulli(torch.full((5, 4, 4), 0.5), generator=g)  # broadcasts over the 3
+    fused = IndependentBernoulli(pyro.distributions.Bernoulli(logits=logits), 2)
+    plain = pyro.distributions.Bernoulli(logits=logits).to_event(2)
+    assert fused.batch_shape == plain.batch_shape == (3, 5)
+    torch.testing.assert_close(fused.log_prob(x), plain.log_prob(x), rtol=1e-6, atol=1e-5)
+    assert fused.expand((2, 3, 5)).log_prob(x).shape == (2, 3, 5)
+    with pytest.raises(ValueError):
+        fused.log_prob(x * 0.5)
