@@ -53,7 +53,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from .data import check_fits
-from .errors import ConfigError, UserError
+from .errors import ConfigError, NonFiniteLossError, UserError
 from .exact import linear_gaussian
 from .model import VAE, analytic_kl
 
@@ -93,6 +94,54 @@ def _check_batch_distribution(q: Distribution, batch: int, latent_dim: int, what
         )
 
 
+@contextmanager
+def _default_validation(enabled: bool) -> Iterator[None]:
+    """Set torch's default ``validate_args`` for distributions built inside, then restore it."""
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
+def _diagonal_normal_sampler(
+    r: Distribution,
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None:
+    """For a diagonal Normal ``r``: draw ``k`` particles and their log density from one ``eps``.
+
+    :math:`z = \\mu + \\sigma \\odot \\varepsilon`,
+    :math:`\\log r(z) = -\\tfrac12 \\lVert\\varepsilon\\rVert^2 - \\sum_d \\log\\sigma_d
+    - \\tfrac D2 \\log 2\\pi`: the same draw and density as ``r.sample`` and
+    ``r.log_prob`` with fewer passes over the ``(k, B, D)`` particles. ``None``
+    for any other distribution.
+    """
+    if not (
+        isinstance(r, torch.distributions.Independent)
+        and type(r.base_dist) in (torch.distributions.Normal, dist.Normal)
+        and r.reinterpreted_batch_ndims == 1
+    ):
+        return None
+    loc, scale = r.base_dist.loc, r.base_dist.scale
+    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = torch.randn((k, *loc.shape), device=loc.device, dtype=loc.dtype)
+        return torch.addcmul(loc, scale, eps), -0.5 * eps.square().sum(-1) - log_norm
+
+    return draw
+
+
+def _generic_sampler(r: Distribution) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Draw ``k`` particles of ``r`` and their log density (``r.sample``, ``r.log_prob``)."""
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = r.sample((k,))
+        return z, r.log_prob(z)
+
+    return draw
+
+
 def _is_point_estimate(vae: VAE) -> bool:
     """Whether the guide is a point estimate (no density to importance-sample from)."""
     return vae.posterior.kl_weight == 0
@@ -107,6 +156,7 @@ def log_importance_weights(
     proposal: Proposal = "guide",
     index: torch.Tensor | None = None,
     chunk_size: int = 4096,
+    validate: bool = False,
 ) -> torch.Tensor:
     """Per-datum importance log weights, shape ``[K, B]``.
 
@@ -121,6 +171,12 @@ def log_importance_weights(
     Particles are drawn ``max(1, chunk_size // B)`` at a time, so memory is
     bounded by ``chunk_size`` decoder outputs whatever ``K`` is.
 
+    The data are checked against the likelihood's support and datum shape
+    once, before sampling (:func:`~pyro_vae.data.check_fits`); with
+    ``validate=False`` (the default) the distributions built inside the loop
+    skip re-validating their arguments (about 10% of the time, for a
+    784-400-50 MLP), and NaN weights raise instead.
+
     Args:
         vae: The model.
         x: A minibatch ``(B, *event_shape)``.
@@ -128,6 +184,7 @@ def log_importance_weights(
         proposal: ``"guide"``, ``"prior"`` or a ``Distribution``.
         index: Positions of ``x`` in the training set, for non-amortized guides.
         chunk_size: About how many ``(particle, datum)`` pairs per decoder call.
+        validate: Also validate every chunk's distributions (slower).
 
     Returns:
         ``log_w`` of shape ``(K, B)``; ``logsumexp(log_w, 0) - log K`` is
@@ -139,6 +196,8 @@ def log_importance_weights(
     """
     if num_samples < 1:
         raise ConfigError(f"the number of importance samples K must be >= 1, got {num_samples}")
+    support = vae.likelihood.support
+    check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, "the data")
     batch = x.shape[0]
     prior = vae.prior()
     from_prior = isinstance(proposal, str) and proposal == "prior"
@@ -158,13 +217,19 @@ def log_importance_weights(
     _check_batch_distribution(r, batch, vae.latent_dim, "the proposal")
     per_chunk = max(1, chunk_size // batch)
     out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
-    for start in range(0, num_samples, per_chunk):
-        k = min(per_chunk, num_samples - start)
-        z = r.sample((k,))  # (k, B, D)
-        log_w = vae.likelihood(z).log_prob(x)
-        if not from_prior:
-            log_w = log_w + prior.log_prob(z) - r.log_prob(z)
-        out[start : start + k] = log_w
+    draw = _diagonal_normal_sampler(r) or _generic_sampler(r)
+    with _default_validation(validate):
+        for start in range(0, num_samples, per_chunk):
+            k = min(per_chunk, num_samples - start)
+            z, log_r = draw(k)  # (k, B, D), (k, B)
+            log_w = vae.likelihood(z).log_prob(x)
+            if not from_prior:
+                log_w = log_w + prior.log_prob(z) - log_r
+            out[start : start + k] = log_w
+    if torch.isnan(out).any():
+        raise NonFiniteLossError(
+            "the log importance weights are NaN: the model gives non-finite densities"
+        )
     return out
 
 

@@ -333,6 +333,41 @@ def test_bad_input_is_a_one_line_user_error():
         assert issubclass(error, UserError)
 
 
+@pytest.mark.parametrize("default", [True, False])
+def test_weights_leave_the_validation_default_alone_and_reject_nan(default):
+    from torch.distributions import Distribution
+
+    from pyro_vae import NonFiniteLossError
+
+    vae = linear_vae()
+    x = sample_data(vae, 4)
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(default)
+    try:
+        log_importance_weights(vae, x, 8)
+        assert Distribution._validate_args is default
+        with torch.no_grad():
+            vae.likelihood.network.layers[0].bias[0] = float("nan")
+        with pytest.raises(NonFiniteLossError, match="NaN"):
+            log_importance_weights(vae, x, 8)
+        assert Distribution._validate_args is default
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
+def test_diagonal_normal_fast_path_gives_the_distributions_own_density():
+    from pyro_vae.evaluate import _diagonal_normal_sampler
+
+    g = torch.Generator().manual_seed(0)
+    q = dist.Normal(torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.1)
+    q = q.to_event(1)
+    z, log_q = _diagonal_normal_sampler(q)(7)
+    assert z.shape == (7, 5, 3) and log_q.shape == (7, 5)
+    torch.testing.assert_close(log_q, q.log_prob(z))
+    full = dist.MultivariateNormal(torch.zeros(3), torch.eye(3))
+    assert _diagonal_normal_sampler(full) is None
+
+
 def test_same_seed_same_numbers_and_chunking_does_not_change_the_shapes():
     vae = linear_vae()
     lg = linear_gaussian(vae)
