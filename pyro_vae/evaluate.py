@@ -828,7 +828,7 @@ def evaluate_run(
         )
     if max_data is not None:
         x = x[:max_data]
-    x = x.to(vae.prior().mean.device)
+    x = x.to(next(vae.parameters()).device)  # not prior().mean: flows have none
     index = None
     if split == "train" and not vae.posterior.amortized:
         index = torch.arange(len(x), device=x.device)

@@ -500,3 +500,27 @@ def test_cli_data_that_no_longer_fit_the_model(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "run"), "--num-samples", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert "shape" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("prior", ["flow", "vamp"])
+def test_evaluate_run_works_for_priors_without_a_closed_form_mean(prior, tmp_path):
+    """Regression: evaluate_run once read the device from ``prior().mean``."""
+    import pyro_vae
+    from pyro_vae.evaluate import evaluate_run
+
+    options = {"vamp": {"pseudo_inputs": 5}}.get(prior, {})
+    config = pyro_vae.Config().override(
+        {
+            "model.prior.name": prior,
+            **{f"model.prior.{k}": v for k, v in options.items()},
+            "model.latent_dim": 2,
+            "model.encoder.hidden": [16],
+            "model.decoder.hidden": [16],
+            "train.epochs": 1,
+        }
+    )
+    pyro_vae.fit(config, tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", num_samples=30, iwae_k=[1, 30], max_data=20)
+    s = result.summary
+    assert math.isfinite(s["log_likelihood"]) and s["num_data"] == 20
+    assert (tmp_path / "run" / "evaluation.json").exists()
