@@ -2,8 +2,8 @@
 
 A run is described by a TOML file with the sections ``[data]``, ``[model]``
 (``latent_dim``), ``[model.prior]``, ``[model.guide]``,
-``[model.likelihood]``, ``[model.encoder]``, ``[model.decoder]`` and
-``[train]``. Each component section has a ``name`` (looked up in the
+``[model.likelihood]``, ``[model.encoder]``, ``[model.decoder]``,
+``[train]`` and ``[eval]``. Each component section has a ``name`` (looked up in the
 registries of :mod:`pyro_vae.registry`) plus that component's own keys::
 
     [model.likelihood]

@@ -196,6 +196,11 @@ def fit(
         NonFiniteLossError: the loss became NaN or infinite.
         TrainingInterrupted: Ctrl-C; a checkpoint was saved first.
     """
+    if config.train.method != "svi":
+        raise ConfigError(
+            f"train.method = {config.train.method!r} is trained by pyro_vae.fit_em "
+            "(pyro-vae train --method variational-em); fit trains method 'svi'"
+        )
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
         raise ConfigError(
             f"{out_dir} already holds a run; use --resume {out_dir} or another --out directory"

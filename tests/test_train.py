@@ -151,3 +151,9 @@ def test_fit_refuses_to_overwrite_a_run(tmp_path):
     pyro_vae.fit(tiny(epochs=1), tmp_path / "run")
     with pytest.raises(pyro_vae.ConfigError, match="already holds a run"):
         pyro_vae.fit(tiny(epochs=1), tmp_path / "run")
+
+
+def test_fit_refuses_variational_em_configs():
+    config = tiny(epochs=1, method="variational-em")
+    with pytest.raises(pyro_vae.ConfigError, match="pyro_vae.fit_em"):
+        pyro_vae.fit(config)
