@@ -43,14 +43,8 @@ class Guide(nn.Module):
         raise NotImplementedError
 
 
-@GUIDES.register("mean-field")
-class MeanFieldGuide(Guide):
-    r"""Amortized diagonal Normal :math:`q(z|x) = \mathcal N(\mu(x), \mathrm{diag}\,\sigma^2(x))`.
-
-    A shared trunk ``h = f(x)`` feeds two linear heads, :math:`\mu(x)` and
-    :math:`\log\sigma^2(x)`; z is drawn by the reparameterization
-    :math:`z = \mu + \sigma \odot \varepsilon`, :math:`\varepsilon \sim \mathcal N(0, I)`
-    (Kingma & Welling 2014, "Auto-Encoding Variational Bayes").
+class _AmortizedGaussian(Guide):
+    """Shared parts of the amortized Gaussian guides: a trunk and the μ, log σ² heads.
 
     Args:
         trunk: Network ``(..., *event_shape) -> (..., H)`` with attribute ``out_features``.
@@ -63,6 +57,21 @@ class MeanFieldGuide(Guide):
         self.trunk = trunk
         self.loc = nn.Linear(trunk.out_features, self.latent_dim)
         self.log_var = nn.Linear(trunk.out_features, self.latent_dim)
+
+
+@GUIDES.register("mean-field")
+class MeanFieldGuide(_AmortizedGaussian):
+    r"""Amortized diagonal Normal :math:`q(z|x) = \mathcal N(\mu(x), \mathrm{diag}\,\sigma^2(x))`.
+
+    A shared trunk ``h = f(x)`` feeds two linear heads, :math:`\mu(x)` and
+    :math:`\log\sigma^2(x)`; z is drawn by the reparameterization
+    :math:`z = \mu + \sigma \odot \varepsilon`, :math:`\varepsilon \sim \mathcal N(0, I)`
+    (Kingma & Welling 2014, "Auto-Encoding Variational Bayes").
+
+    Args:
+        trunk: Network ``(..., *event_shape) -> (..., H)`` with attribute ``out_features``.
+        latent_dim: ``D``.
+    """
 
     @classmethod
     def from_config(cls, ctx: BuildContext) -> MeanFieldGuide:
@@ -79,7 +88,7 @@ class MeanFieldGuide(Guide):
 
 
 @GUIDES.register("low-rank", example={"rank": 2})
-class LowRankGuide(Guide):
+class LowRankGuide(_AmortizedGaussian):
     r"""Amortized low-rank-plus-diagonal Normal :math:`q(z|x) = \mathcal N(\mu(x), \Sigma(x))`.
 
     .. math::
@@ -100,13 +109,10 @@ class LowRankGuide(Guide):
     """
 
     def __init__(self, trunk: nn.Module, latent_dim: int, rank: int = 2) -> None:
-        super().__init__()
         if rank < 1:
             raise ConfigError(f"model.guide.rank must be >= 1, got {rank}")
-        self.latent_dim, self.rank = int(latent_dim), int(rank)
-        self.trunk = trunk
-        self.loc = nn.Linear(trunk.out_features, self.latent_dim)
-        self.log_var = nn.Linear(trunk.out_features, self.latent_dim)
+        super().__init__(trunk, latent_dim)
+        self.rank = int(rank)
         self.factor = nn.Linear(trunk.out_features, self.latent_dim * self.rank)
 
     @classmethod
@@ -122,7 +128,7 @@ class LowRankGuide(Guide):
 
 
 @GUIDES.register("full-rank")
-class FullRankGuide(Guide):
+class FullRankGuide(_AmortizedGaussian):
     r"""Amortized full-covariance Normal :math:`q(z|x) = \mathcal N(\mu(x), L(x) L(x)^\top)`.
 
     :math:`L(x)` is lower triangular with diagonal :math:`\sigma(x) > 0` (a
@@ -139,11 +145,7 @@ class FullRankGuide(Guide):
     """
 
     def __init__(self, trunk: nn.Module, latent_dim: int) -> None:
-        super().__init__()
-        self.latent_dim = int(latent_dim)
-        self.trunk = trunk
-        self.loc = nn.Linear(trunk.out_features, self.latent_dim)
-        self.log_var = nn.Linear(trunk.out_features, self.latent_dim)
+        super().__init__(trunk, latent_dim)
         rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim, offset=-1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
