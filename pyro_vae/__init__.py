@@ -4,13 +4,27 @@
 >>> config = pyro_vae.Config()                      # digits, N(0, I), mean-field, Bernoulli
 >>> result = pyro_vae.fit(config, "runs/digits")    # doctest: +SKIP
 >>> vae = pyro_vae.load("runs/digits")              # doctest: +SKIP
+
+The modules form layers; each imports only from the layers below it
+(``tests/test_layers.py`` checks it):
+
+1. ``errors``, ``files``, ``plugins``, ``registry``: foundations;
+2. ``config``: frozen configs with a TOML round trip;
+3. ``nets``, ``likelihoods``, ``guides``, ``priors``: the components;
+4. ``model``: ``VAE(prior, guide, likelihood)``, the Pyro model and guide;
+5. ``elbo``, ``objectives``, ``data``, ``exact``, ``build``, ``checkpoint``:
+   computations on a model, objectives, data, building and run directories;
+6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
+7. ``evaluate``, ``plots``, ``report``, ``course``: evaluation and presentation;
+8. ``cli``: the command line.
 """
 
 from .build import build_objective, build_vae, resolve
 from .checkpoint import load, read_metrics
 from .config import ComponentConfig, Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from .data import Dataset, load_dataset
-from .em import EMResult, VariationalEM, fit_em
+from .elbo import Refinement, evaluate_elbo, refine_posterior
+from .em import EMResult, VariationalEMStep, fit_em
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -27,12 +41,15 @@ from .evaluate import (
     iwae_bounds,
     log_importance_weights,
     pareto_khat,
-    refine_posterior,
 )
 from .exact import LinearGaussian, linear_gaussian, log_likelihood_quadrature
+from .guides import Guide
+from .likelihoods import Likelihood
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE, analytic_kl
-from .registry import DATASETS, GUIDES, LIKELIHOODS, NETWORKS, OBJECTIVES, PRIORS
-from .train import TrainResult, evaluate_elbo, fit, load_data, resume
+from .nets import Network
+from .priors import Prior
+from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
+from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
 
 __version__ = "0.1.0"
 
@@ -42,6 +59,7 @@ __all__ = [
     "GUIDES",
     "LATENT_SITE",
     "LIKELIHOODS",
+    "METHODS",
     "NETWORKS",
     "OBJECTIVES",
     "OBSERVED_SITE",
@@ -64,7 +82,15 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",
-    "VariationalEM",
+    "VariationalEMStep",
+    "Callback",
+    "Guide",
+    "Likelihood",
+    "Network",
+    "Prior",
+    "Refinement",
+    "StepStrategy",
+    "Trainer",
     "UserError",
     "__version__",
     "analytic_kl",

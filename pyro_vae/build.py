@@ -18,7 +18,16 @@ from .config import ComponentConfig, Config, ModelConfig, TrainConfig
 from .errors import ConfigError
 from .model import VAE
 from .nets import BuildContext
-from .registry import DATASETS, GUIDES, LIKELIHOODS, NETWORKS, OBJECTIVES, PRIORS, Registry
+from .registry import (
+    DATASETS,
+    GUIDES,
+    LIKELIHOODS,
+    METHODS,
+    NETWORKS,
+    OBJECTIVES,
+    PRIORS,
+    Registry,
+)
 
 _COMPONENTS: dict[str, Registry] = {
     "prior": PRIORS,
@@ -45,20 +54,27 @@ def resolve(config: Config) -> Config:
     PRIORS.get(config.model.prior.name).check_guide(GUIDES.get(config.model.guide.name))
     OBJECTIVES.get(config.train.elbo)
     OBJECTIVES.resolve(config.train.elbo, objective_options(config.train), "train")
-    if not config.data.name.startswith("npz:"):
+    METHODS.get(config.train.method)
+    METHODS.resolve(config.train.method, method_options(config.train), "train")
+    if not (config.data.name.startswith("npz:") or config.data.name == IN_MEMORY_DATA):
         DATASETS.get(config.data.name)
     model = dataclasses.replace(config.model, **resolved)
     return dataclasses.replace(config, model=model)
 
 
-def build_vae(model: ModelConfig, event_shape: tuple[int, ...]) -> VAE:
+def build_vae(model: ModelConfig, event_shape: tuple[int, ...], num_data: int | None = None) -> VAE:
     """Build the VAE described by ``model`` for data of shape ``event_shape``.
 
     Every component comes from its registry: ``VAE(prior, guide, likelihood)``.
+
+    Args:
+        model: The ``[model]`` section.
+        event_shape: The shape of one datum.
+        num_data: The training set's size, for per-datum guides (``local``).
     """
     if not event_shape:
         raise ConfigError("a datum must have at least one dimension")
-    ctx = BuildContext(model.latent_dim, tuple(event_shape), model.encoder, model.decoder)
+    ctx = BuildContext(model.latent_dim, tuple(event_shape), model.encoder, model.decoder, num_data)
     prior = PRIORS.build(
         model.prior.name, model.prior.options, "model.prior", latent_dim=model.latent_dim
     )
@@ -66,13 +82,37 @@ def build_vae(model: ModelConfig, event_shape: tuple[int, ...]) -> VAE:
     likelihood = LIKELIHOODS.build(
         model.likelihood.name, model.likelihood.options, "model.likelihood", ctx=ctx
     )
-    prior.bind(guide, ctx.event_shape)  # the VampPrior mixes the guide's q(z|u); others ignore it
-    return VAE(prior, guide, likelihood)
+    return VAE(prior, guide, likelihood)  # binds the prior to the guide (the VampPrior's q(z|u))
 
 
 #: ``[train]`` keys that are objective options: each goes to the objective's
 #: factory when it takes that keyword (see :data:`~pyro_vae.registry.OBJECTIVES`).
 OBJECTIVE_KEYS = ("num_particles", "free_bits")
+
+
+#: ``[train]`` keys that are options of a training method (see :data:`~pyro_vae.registry.METHODS`).
+METHOD_KEYS = ("e_steps", "local_lr")
+
+#: ``data.name`` of a run trained by ``fit(vae, data)`` on in-memory tensors.
+IN_MEMORY_DATA = "tensor"
+
+
+def _options(
+    train: TrainConfig, keys: tuple[str, ...], registry: Registry, name: str, what: str
+) -> dict[str, Any]:
+    accepted = registry.options(name)
+    options = {}
+    for key in keys:
+        value = getattr(train, key)
+        if key in accepted:
+            options[key] = value
+        elif value != TrainConfig.__dataclass_fields__[key].default:
+            takers = [n for n in registry.names() if key in registry.options(n)]
+            raise ConfigError(
+                f"train.{key} = {value} does not apply to {what} {name!r}; "
+                f"it applies to {what}: {', '.join(takers) or 'none'}"
+            )
+    return options
 
 
 def objective_options(train: TrainConfig) -> dict[str, Any]:
@@ -82,19 +122,17 @@ def objective_options(train: TrainConfig) -> dict[str, Any]:
         ConfigError: a key of :data:`OBJECTIVE_KEYS` set away from its default
             for an objective that does not take it (e.g. ``free_bits`` with ``iwae``).
     """
-    accepted = OBJECTIVES.options(train.elbo)
-    options = {}
-    for key in OBJECTIVE_KEYS:
-        value = getattr(train, key)
-        if key in accepted:
-            options[key] = value
-        elif value != TrainConfig.__dataclass_fields__[key].default:
-            takers = [n for n in OBJECTIVES.names() if key in OBJECTIVES.options(n)]
-            raise ConfigError(
-                f"train.{key} = {value} does not apply to elbo {train.elbo!r}; "
-                f"it applies to elbo: {', '.join(takers) or 'none'}"
-            )
-    return options
+    return _options(train, OBJECTIVE_KEYS, OBJECTIVES, train.elbo, "elbo")
+
+
+def method_options(train: TrainConfig) -> dict[str, Any]:
+    """The options of ``train.method``'s step strategy, from the ``[train]`` keys of the same name.
+
+    Raises:
+        ConfigError: a key of :data:`METHOD_KEYS` set away from its default for a
+            method that does not take it (e.g. ``e_steps`` with ``svi``).
+    """
+    return _options(train, METHOD_KEYS, METHODS, train.method, "method")
 
 
 def build_objective(config: Config) -> object:

@@ -11,39 +11,42 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .build import build_vae, resolve
+from .config import Config
 from .errors import CheckpointError, PyroVAEError
+from .files import atomic_write_bytes
 from .model import VAE
+from .plugins import import_plugins
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FORMAT = 1
+#: The layout written now: one for every training method (``strategy`` holds the
+#: optimizers' states). Format 1 (pyro-vae 0.1) is read and upgraded.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+#: What pyro-vae 0.1's variational EM wrote into its checkpoints (no optimizer state).
+_OLD_EM_WRITER = "pyro_vae.em.fit_em"
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    A reader sees the old file or the new one, never a partial write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "atomic_write_bytes",
+    "load",
+    "load_checkpoint",
+    "load_state",
+    "read_metrics",
+    "read_run_config",
+    "save_checkpoint",
+    "upgrade_state",
+    "write_metrics",
+]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -81,9 +84,55 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str = "cpu") 
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a pyro-vae checkpoint (format {CHECKPOINT_FORMAT})")
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{path} is not a pyro-vae checkpoint (formats {', '.join(map(str, READABLE_FORMATS))})"
+        )
     return state
+
+
+def upgrade_state(state: dict[str, Any], run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint of any readable format in the current layout, for resuming.
+
+    Format 1 (pyro-vae 0.1): the SVI optimizer state moves under
+    ``strategy``; variational-EM checkpoints of that version kept no
+    optimizer state and cannot be resumed (they still load and evaluate).
+
+    Raises:
+        CheckpointError: one line, for a checkpoint that cannot be resumed.
+    """
+    if state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    if state.get("written_by") == _OLD_EM_WRITER or "optimizer" not in state:
+        raise CheckpointError(
+            f"{run_dir} was written by pyro-vae 0.1's --method variational-em, which kept no "
+            "optimizer state, so it cannot be resumed; it loads and evaluates, or start a new "
+            "run with more --epochs"
+        )
+    upgraded = {k: v for k, v in state.items() if k != "optimizer"}
+    upgraded["strategy"] = {"optimizer": state["optimizer"]}
+    upgraded.setdefault("num_data", None)
+    upgraded["format"] = CHECKPOINT_FORMAT
+    return upgraded
+
+
+def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
+    """The ``config.toml`` of a run directory, with its plugins imported.
+
+    Raises:
+        CheckpointError: no such directory or file, or a config this version cannot read.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise CheckpointError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
+    try:
+        config = Config.load(run_dir / CONFIG_FILE)
+        import_plugins(config.plugins)
+    except PyroVAEError as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from None
+    return config
 
 
 def load_state(vae: VAE, state_dict: dict[str, torch.Tensor], where: str) -> None:
@@ -100,22 +149,21 @@ def load_state(vae: VAE, state_dict: dict[str, torch.Tensor], where: str) -> Non
 def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> VAE:
     """The trained VAE of a run directory, on ``device`` (CPU by default), in eval mode.
 
+    The run's plugins (``plugins`` in its ``config.toml``) are imported first;
+    a component that no plugin registers is a one-line error naming the fix.
+
     Example:
         >>> vae = load("runs/digits")  # doctest: +SKIP
         >>> vae.prior().event_shape, vae.posterior(x).batch_shape  # doctest: +SKIP
     """
-    from .build import build_vae, resolve
-    from .config import Config
-
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
+    config = read_run_config(run_dir)
     try:
-        config = resolve(Config.load(run_dir / CONFIG_FILE))
+        config = resolve(config)
     except PyroVAEError as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from None
     state = load_checkpoint(run_dir, map_location=device)
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the RNG be
-        vae = build_vae(config.model, tuple(state["event_shape"]))
+        vae = build_vae(config.model, tuple(state["event_shape"]), state.get("num_data"))
     load_state(vae, state["model"], str(run_dir / CHECKPOINT_FILE))
     return vae.to(device).eval()

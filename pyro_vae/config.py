@@ -29,6 +29,7 @@ from typing import Any
 import tomli_w
 
 from .errors import ConfigError
+from .files import atomic_write_bytes
 from .registry import _check_type
 
 if sys.version_info >= (3, 11):
@@ -55,8 +56,8 @@ class ComponentConfig:
         object.__setattr__(self, "options", dict(self.options))
 
     def to_dict(self) -> dict[str, Any]:
-        """The TOML table form: ``{"name": ..., **options}``."""
-        return {"name": self.name, **self.options}
+        """The TOML table form: ``{"name": ..., **options}`` (``None``: the default, left out)."""
+        return {"name": self.name, **{k: v for k, v in self.options.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any], where: str) -> ComponentConfig:
@@ -155,8 +156,11 @@ class TrainConfig(_Section):
         lr: Adam learning rate.
         seed: Seed of every random draw of the run.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        method: ``svi`` (amortized, :func:`~pyro_vae.train.fit`) or ``variational-em``
-            (one q per datum, E- and M-steps, :func:`~pyro_vae.em.fit_em`).
+        method: The training method, a name in :data:`~pyro_vae.registry.METHODS`:
+            ``svi`` (one joint SVI step per minibatch) or ``variational-em`` (one q
+            per datum, E- and M-steps); both run in :func:`~pyro_vae.train.fit`.
+        e_steps: ``variational-em``: E-step updates of the minibatch's q per M-step.
+        local_lr: ``variational-em``: Adam learning rate of the per-datum q.
     """
 
     elbo: str = "meanfield"
@@ -170,26 +174,22 @@ class TrainConfig(_Section):
     kl_warmup_epochs: int = 0
     free_bits: float = 0.0
     method: str = "svi"
+    e_steps: int = 5
+    local_lr: float = 0.05
     _section = "train"
 
     def _check(self) -> None:
-        if self.method not in TRAIN_METHODS:
-            raise ConfigError(
-                f"train.method: unknown method {self.method!r}; valid: {', '.join(TRAIN_METHODS)}"
-            )
-        for key in ("num_particles", "epochs", "batch_size"):
+        for key in ("num_particles", "epochs", "batch_size", "e_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for key in ("lr", "local_lr"):
+            if not 0 < getattr(self, key) < float("inf"):
+                raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)}")
         for key in ("beta", "kl_warmup_epochs", "free_bits"):
             if not 0 <= getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")
         if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
             raise ConfigError(f"train.device: unknown device {self.device!r}; valid: cpu, cuda")
-
-
-TRAIN_METHODS = ("svi", "variational-em")
 
 
 @dataclass(frozen=True)
@@ -230,16 +230,28 @@ _SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run: ``data``, ``model``, ``train`` and ``eval`` sections."""
+    """A whole run: ``data``, ``model``, ``train`` and ``eval`` sections.
+
+    ``plugins`` (a top-level TOML key) lists the importable modules that
+    register the run's user components (see :mod:`pyro_vae.plugins`); every
+    command that reads the run imports them first.
+    """
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    plugins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        plugins = self.plugins
+        if isinstance(plugins, str) or not all(isinstance(p, str) and p for p in plugins):
+            raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+        object.__setattr__(self, "plugins", tuple(dict.fromkeys(plugins)))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict, the TOML document; ``None`` values are left out."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"plugins": list(self.plugins)} if self.plugins else {}
         for section in _SECTIONS:
             table: dict[str, Any] = {}
             for f in dataclasses.fields(getattr(self, section)):
@@ -254,7 +266,10 @@ class Config:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Config:
         """Parse the nested dict form; unknown sections or keys are errors."""
-        unknown = sorted(set(doc) - set(_SECTIONS))
+        plugins = doc.get("plugins", ())
+        if not isinstance(plugins, list | tuple):
+            raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+        unknown = sorted(set(doc) - set(_SECTIONS) - {"plugins"})
         if unknown:
             raise ConfigError(
                 f"unknown config section [{unknown[0]}]; valid sections: {', '.join(_SECTIONS)}"
@@ -276,7 +291,7 @@ class Config:
                     value = ComponentConfig.from_dict(value, f"{section}.{key}")
                 kwargs[key] = value
             sections[section] = klass(**kwargs)
-        return cls(**sections)
+        return cls(**sections, plugins=tuple(plugins))
 
     def to_toml(self) -> str:
         """The TOML document."""
@@ -293,8 +308,6 @@ class Config:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the TOML document to ``path`` atomically."""
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(Path(path), self.to_toml().encode())
 
     @classmethod

@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError, TrainingInterrupted
@@ -305,38 +304,6 @@ def gather_per_datum(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 # --- data-parallel SVI --------------------------------------------------------------
 
 
-class ELBOLoss(nn.Module):
-    """The negative ELBO of a minibatch as a module, so that DDP can wrap it.
-
-    ``forward(x, index, data_size, weight)`` returns
-    ``weight * objective.differentiable_loss(vae.model, vae.guide, x, index, data_size)``.
-    (Pyro's own ``ELBO.__call__(model, guide)`` module does not register
-    ``vae``'s parameters when ``model`` and ``guide`` are bound methods.)
-
-    Args:
-        vae: The model; its parameters are this module's.
-        objective: A Pyro ELBO with ``differentiable_loss``.
-    """
-
-    def __init__(self, vae: VAE, objective: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        self.objective = objective
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        index: torch.Tensor | None,
-        data_size: int | None,
-        weight: float = 1.0,
-    ) -> torch.Tensor:
-        """The weighted loss, a scalar tensor."""
-        loss = self.objective.differentiable_loss(
-            self.vae.model, self.vae.guide, x, index, data_size
-        )
-        return loss * weight
-
-
 def step_seed(seed: int, *key: int) -> int:
     """A 63-bit seed from ``seed`` and integer keys, e.g. ``(rank, epoch, step)``.
 
@@ -349,7 +316,8 @@ def step_seed(seed: int, *key: int) -> int:
 class DistributedSVI:
     """SVI steps on this rank's shard of each global minibatch, gradients averaged by DDP.
 
-    The ELBO loss (:class:`ELBOLoss`) is wrapped in
+    The ELBO loss, Pyro's own module ``objective(vae.model, vae.guide)``
+    (whose parameters are the VAE's), is wrapped in
     :class:`~torch.nn.parallel.DistributedDataParallel`: construction
     broadcasts rank 0's parameters; ``backward`` all-reduces the gradients.
     A rank's loss is weighted by :math:`W |\\mathcal B_r| / |\\mathcal B|` so
@@ -384,14 +352,14 @@ class DistributedSVI:
             )
         self.vae = vae
         self.seed = seed
-        self.loss = ELBOLoss(vae, objective)
+        self.loss = objective(vae.model, vae.guide)
         self.device = device
         self.module: DistributedDataParallel | None = None
 
-    def _wrap(self) -> DistributedDataParallel:
+    def _wrap(self, kl_scale: float) -> DistributedDataParallel:
         # only the prior's parameters can go unused: while the latent site is masked out
-        # (as VAE._latent_weight does at weight 0); the search costs a graph traversal
-        masked = self.vae.kl_scale * self.vae.posterior.kl_weight == 0
+        # (as the model does at weight 0); the search costs a graph traversal
+        masked = kl_scale == 0 or self.vae.posterior.is_point_estimate
         unused = masked and any(p.requires_grad for p in self.vae.prior.parameters())
         parameters = inspect.signature(DistributedDataParallel.__init__).parameters
         # buffers are constants (prior loc/scale, index maps): no broadcast before each forward
@@ -411,6 +379,7 @@ class DistributedSVI:
         data_size: int | None,
         position: tuple[int, int],
         stop: bool = False,
+        kl_scale: float = 1.0,
     ) -> tuple[float, bool]:
         """One SVI step on the global minibatch ``x`` (the same on every rank).
 
@@ -425,6 +394,7 @@ class DistributedSVI:
             data_size: ``N``.
             position: ``(epoch, step)``, which seeds this rank's noise.
             stop: Whether this rank wants to stop (Ctrl-C).
+            kl_scale: β, the weight of the KL term.
 
         Returns:
             ``(loss, stop)``: the global loss
@@ -433,7 +403,7 @@ class DistributedSVI:
             asked to stop; the same on every rank.
         """
         if self.module is None:
-            self.module = self._wrap()  # broadcasts rank 0's parameters
+            self.module = self._wrap(kl_scale)  # broadcasts rank 0's parameters
         torch.manual_seed(step_seed(self.seed, rank(), *position))
         part = shard_bounds(len(x))
         xs = x[part]
@@ -441,7 +411,7 @@ class DistributedSVI:
         weight = world_size() * len(xs) / len(x)
         if len(xs) == 0:  # fewer data than ranks: join the gradient all-reduce with zeros
             xs, ids, weight = x[:1], None if index is None else index[:1], 0.0
-        loss = self.module(xs, ids, data_size, weight)
+        loss = self.module(xs, ids, data_size, kl_scale) * weight
         totals = torch.stack([loss.detach(), loss.new_tensor(float(stop))]).to(_comm_device())
         work = dist.all_reduce(totals, op=dist.ReduceOp.SUM, async_op=True)
         optimizer.zero_grad(set_to_none=True)

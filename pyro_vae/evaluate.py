@@ -66,9 +66,10 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from .data import check_fits
+from .elbo import fit_local_posterior, refine_posterior
 from .errors import ConfigError, NonFiniteLossError, UserError
 from .exact import linear_gaussian
-from .model import VAE, analytic_kl
+from .model import VAE
 
 #: Proposals by name: the guide :math:`q(z|x)` or the prior :math:`p(z)`.
 PROPOSALS = ("guide", "prior")
@@ -142,11 +143,6 @@ def _generic_sampler(r: Distribution) -> Callable[[int], tuple[torch.Tensor, tor
     return draw
 
 
-def _is_point_estimate(vae: VAE) -> bool:
-    """Whether the guide is a point estimate (no density to importance-sample from)."""
-    return vae.posterior.kl_weight == 0
-
-
 @torch.no_grad()
 def log_importance_weights(
     vae: VAE,
@@ -206,7 +202,7 @@ def log_importance_weights(
     elif isinstance(proposal, str):
         if proposal != "guide":
             raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
-        if _is_point_estimate(vae):
+        if vae.posterior.is_point_estimate:
             raise UserError(
                 "the guide is a point estimate (no density): importance sampling needs a "
                 "proposal with a density; use the prior proposal"
@@ -336,109 +332,6 @@ def diagonal_normal_parameters(q: Distribution) -> tuple[torch.Tensor, torch.Ten
         f"the gap decomposition refines a diagonal Normal q(z|x), but this guide gives "
         f"{family}; use a guide with a diagonal Normal posterior (e.g. mean-field, local)"
     )
-
-
-@dataclass
-class Refinement:
-    """What :func:`refine_posterior` returns.
-
-    Args:
-        loc: :math:`\\mu^*`, ``(B, D)``.
-        scale: :math:`\\sigma^*`, ``(B, D)``.
-        steps: Optimizer steps taken.
-        history: Mean ELBO estimate over the batch after each step (nats per datum).
-    """
-
-    loc: torch.Tensor
-    scale: torch.Tensor
-    steps: int
-    history: list[float]
-
-    def distribution(self) -> dist.Independent:
-        """The refined posterior :math:`q^* = \\mathcal N(\\mu^*, \\mathrm{diag}\\,\\sigma^{*2})`.
-
-        Returns:
-            A diagonal Normal, batch shape ``(B,)``, event shape ``(D,)``.
-        """
-        return dist.Normal(self.loc, self.scale).to_event(1)
-
-
-def refine_posterior(
-    vae: VAE,
-    x: torch.Tensor,
-    loc: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    num_particles: int = 10,
-    lr: float = 1e-2,
-    max_steps: int = 2000,
-    window: int = 50,
-    tol: float = 1e-2,
-) -> Refinement:
-    """One diagonal Normal per datum, decoder frozen: :math:`q^*_b = \\arg\\max \\mathrm{ELBO}`.
-
-    .. math::
-
-        \\mathrm{ELBO}(x_b; \\mu_b, \\sigma_b) =
-            \\mathbb E_{\\mathcal N(\\mu_b, \\sigma_b^2)}[\\log p(x_b \\mid z)]
-            - \\mathrm{KL}(\\mathcal N(\\mu_b, \\sigma_b^2) \\,\\|\\, p(z)),
-
-    the expectation by ``num_particles`` reparameterized draws and the KL in
-    closed form where registered (else by the same draws). All data of the
-    batch are optimized jointly by Adam, each with its own parameters (Adam
-    acts elementwise, so each datum's path is its own). Every ``window``
-    steps, the mean ELBO of the last window is compared with the window
-    before; the loop stops when the gain is below ``tol`` nats per datum, or
-    after ``max_steps``. This is the "optimal local posterior" of Cremer et
-    al. (2018) and the E-step of variational EM.
-
-    Args:
-        vae: The model; its parameters are not changed (no gradient flows to them).
-        x: Data ``(B, *event_shape)``.
-        loc: Initial means ``(B, D)`` (e.g. the encoder's).
-        scale: Initial standard deviations ``(B, D)``.
-        num_particles: Draws of z per datum per step.
-        lr: Adam learning rate on ``(loc, log scale)``.
-        max_steps: Cap on the steps.
-        window: Steps per window of the stopping rule.
-        tol: Smallest gain (nats per datum, window mean to window mean) that continues.
-    """
-    if max_steps < 1 or window < 1 or num_particles < 1:
-        raise ConfigError("refine_posterior: max_steps, window and num_particles must be >= 1")
-    loc = loc.detach().clone().requires_grad_(True)
-    log_scale = scale.detach().log().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([loc, log_scale], lr=lr)
-    history: list[float] = []
-    steps = 0
-    with torch.enable_grad():
-        prior = vae.prior()
-        for steps in range(1, max_steps + 1):  # noqa: B007  (steps is returned)
-            q = dist.Normal(loc, log_scale.exp()).to_event(1)
-            z = q.rsample((num_particles,))
-            reconstruction = vae.likelihood(z).log_prob(x).mean(0)
-            kl = analytic_kl(q, prior)
-            if kl is None:
-                kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
-            elbo = reconstruction - kl
-            grads = torch.autograd.grad(-elbo.sum(), [loc, log_scale])
-            loc.grad, log_scale.grad = grads
-            optimizer.step()
-            history.append(float(elbo.detach().mean()))
-            if steps >= 2 * window and steps % window == 0:
-                gain = np.mean(history[-window:]) - np.mean(history[-2 * window : -window])
-                if gain < tol:
-                    break
-    return Refinement(loc.detach(), log_scale.detach().exp(), steps, history)
-
-
-def fit_local_posterior(vae: VAE, x: torch.Tensor, **options: Any) -> dist.Independent:
-    """A diagonal Normal for data that a non-amortized guide has no parameters for.
-
-    Runs :func:`refine_posterior` (the E-step of variational EM) from
-    :math:`\\mathcal N(0, I)`; ``options`` go to it.
-    """
-    zeros = torch.zeros(x.shape[0], vae.latent_dim, device=x.device, dtype=x.dtype)
-    return refine_posterior(vae, x, zeros, torch.ones_like(zeros), **options).distribution()
 
 
 # --- the evaluation -------------------------------------------------------------
@@ -597,7 +490,7 @@ def evaluate(
         raise ConfigError("no data to evaluate")
     likelihood_name = type(vae.likelihood).__name__
     check_fits(x, vae.event_shape, vae.likelihood.support, likelihood_name, "evaluation data")
-    point_estimate = _is_point_estimate(vae)
+    point_estimate = vae.posterior.is_point_estimate
     if point_estimate and (proposal == "guide" or gaps):
         raise UserError(
             "the guide is a point estimate (no density): it can be neither an importance "
@@ -605,7 +498,7 @@ def evaluate(
         )
     if index is not None and index.shape != x.shape[:1]:
         raise ConfigError(f"index must have shape ({len(x)},), got {tuple(index.shape)}")
-    local = not vae.posterior.amortized and index is None
+    local = not vae.posterior.is_amortized and index is None
     if gaps and not local:  # fail before any work: can this guide's q be refined?
         with torch.no_grad():
             diagonal_normal_parameters(vae.posterior(x[:1], None if index is None else index[:1]))
@@ -830,7 +723,7 @@ def evaluate_run(
         x = x[:max_data]
     x = x.to(next(vae.parameters()).device)  # not prior().mean: flows have none
     index = None
-    if split == "train" and not vae.posterior.amortized:
+    if split == "train" and not vae.posterior.is_amortized:
         index = torch.arange(len(x), device=x.device)
     result = evaluate(
         vae,

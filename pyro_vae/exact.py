@@ -38,14 +38,11 @@ from pathlib import Path
 import numpy as np
 import pyro.distributions as dist
 import torch
-from torch import nn
 from torch.distributions import Distribution
 
 from .data import Dataset
 from .errors import ConfigError
-from .likelihoods import NormalLikelihood
 from .model import VAE
-from .priors import StandardNormalPrior
 from .registry import DATASETS
 
 #: Datum size ``d``, latent size, noise scale and split sizes of the ``ppca`` dataset.
@@ -193,16 +190,17 @@ class LinearGaussian:
 def linear_gaussian(vae: VAE) -> LinearGaussian | None:
     """The closed forms of ``vae`` when it is a linear-Gaussian model, else ``None``.
 
-    Recognized structure: a ``standard-normal`` prior, a fixed-scale
-    ``normal`` likelihood, and a decoder network that is a single
-    ``nn.Linear`` (``mlp`` with ``hidden = []``). The returned parameters are
-    float64 copies (no gradient).
+    The components declare it: a prior with ``is_standard_normal`` and a
+    likelihood whose :meth:`~pyro_vae.likelihoods.Likelihood.linear_gaussian`
+    gives its linear map and fixed scale (``normal`` on an ``mlp`` with
+    ``hidden = []``). The returned parameters are float64 copies (no gradient).
     """
-    if type(vae.prior) is not StandardNormalPrior or type(vae.likelihood) is not NormalLikelihood:
+    if not vae.prior.is_standard_normal:
         return None
-    linear = _single_linear(vae.likelihood.network)
-    if linear is None:
+    declared = vae.likelihood.linear_gaussian()
+    if declared is None:
         return None
+    linear, noise_scale = declared
     with torch.no_grad():
         weight = linear.weight.detach().double().clone()
         bias = (
@@ -210,18 +208,8 @@ def linear_gaussian(vae: VAE) -> LinearGaussian | None:
             if linear.bias is not None
             else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
         )
-        scale = float(vae.likelihood.scale)
+        scale = float(noise_scale)
     return LinearGaussian(weight, bias, scale)
-
-
-def _single_linear(network: nn.Module) -> nn.Linear | None:
-    """The one ``nn.Linear`` that ``network`` consists of, else ``None``."""
-    if isinstance(network, nn.Linear):
-        return network
-    layers = getattr(network, "layers", None)
-    if isinstance(layers, nn.Sequential) and len(layers) == 1 and isinstance(layers[0], nn.Linear):
-        return layers[0]
-    return None
 
 
 @torch.no_grad()

@@ -20,21 +20,26 @@ from torch.nn import functional as F
 
 from .errors import ConfigError
 from .nets import BuildContext
-from .registry import GUIDES
+from .registry import GUIDES, Describable
 
 
-class Guide(nn.Module):
+class Guide(Describable, nn.Module):
     """Base class of guides: ``forward(x, index=None) -> q(z | x)``.
 
-    ``kl_weight`` multiplies the latent site's log densities in the ELBO: 1
-    for a variational posterior, 0 for a point estimate (the KL term dropped).
-    ``amortized`` says whether q depends on x through a network (False for
-    per-datum parameters, which need ``index``).
+    Shape contract: ``x`` is ``(B, *event_shape)``; the result has batch shape
+    ``(B,)`` and event shape ``(D,)``. A subclass declares what it is:
+
+    * ``is_point_estimate``: q is a point mass (no density); the model then
+      masks the latent site out of the ELBO (the KL term is dropped) and
+      importance sampling must use another proposal;
+    * ``is_amortized``: q depends on x through a network, so it exists for
+      unseen data; ``False`` for per-datum parameters, which need ``index``
+      (the positions in the training set) and are trained by variational EM.
     """
 
     latent_dim: int
-    kl_weight: float = 1.0
-    amortized: bool = True
+    is_point_estimate: bool = False
+    is_amortized: bool = True
 
     def forward(
         self, x: torch.Tensor, index: torch.Tensor | None = None
@@ -289,7 +294,7 @@ class DeltaGuide(Guide):
     r"""NOT a VAE: a point estimate :math:`q(z|x) = \delta(z - f(x))`, the plain autoencoder.
 
     With a point mass the KL term is undefined (:math:`\log q = +\infty` at
-    the point), so it is dropped: ``kl_weight = 0`` masks the latent site out
+    the point), so it is dropped: ``is_point_estimate`` masks the latent site out
     of the ELBO and the loss is the reconstruction alone,
     :math:`-\log p(x \mid z = f(x))`, a deterministic autoencoder. The prior
     plays no part in training, nothing makes the codes of different data
@@ -303,7 +308,7 @@ class DeltaGuide(Guide):
         latent_dim: ``D``.
     """
 
-    kl_weight = 0.0
+    is_point_estimate = True
 
     def __init__(self, trunk: nn.Module, latent_dim: int) -> None:
         super().__init__()
@@ -340,12 +345,13 @@ class LocalGuide(Guide):
     :math:`\sigma_i = ` ``init_scale``).
 
     Args:
-        num_data: ``N``, the number of training data (required).
+        num_data: ``N``, the number of training data (from a config: the
+            training set's size when not given).
         latent_dim: ``D``.
         init_scale: Initial :math:`\sigma_i` (> 0).
     """
 
-    amortized = False
+    is_amortized = False
 
     def __init__(self, num_data: int, latent_dim: int, init_scale: float = 1.0) -> None:
         super().__init__()
@@ -360,8 +366,17 @@ class LocalGuide(Guide):
         self.log_scale = nn.Parameter(log_scale.expand(self.num_data, self.latent_dim).clone())
 
     @classmethod
-    def from_config(cls, ctx: BuildContext, num_data: int, init_scale: float = 1.0) -> LocalGuide:
-        """Build from a config section (``num_data``, ``init_scale``); no encoder network."""
+    def from_config(
+        cls, ctx: BuildContext, num_data: int | None = None, init_scale: float = 1.0
+    ) -> LocalGuide:
+        """Build from a config section (``num_data``: default the training set's size)."""
+        if num_data is None:
+            num_data = ctx.num_data
+        if num_data is None:
+            raise ConfigError(
+                "model.guide.num_data: the 'local' guide needs the number of training data; "
+                "set it or build the model from data"
+            )
         return cls(num_data, ctx.latent_dim, init_scale)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> dist.TorchDistribution:

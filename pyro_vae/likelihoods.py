@@ -20,7 +20,7 @@ from torch.distributions import constraints
 
 from .errors import ConfigError
 from .nets import BuildContext
-from .registry import LIKELIHOODS
+from .registry import LIKELIHOODS, Describable
 
 
 class IndependentBernoulli(dist.Independent):
@@ -42,7 +42,7 @@ class IndependentBernoulli(dist.Independent):
         return -bce.sum(dim=tuple(range(-n, 0))) if n else -bce
 
 
-class Likelihood(nn.Module):
+class Likelihood(Describable, nn.Module):
     """Base class: a decoder network plus a distribution head.
 
     Args:
@@ -68,6 +68,15 @@ class Likelihood(nn.Module):
     def forward(self, z: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover - abstract
         """The distribution :math:`p(x|z)`."""
         raise NotImplementedError
+
+    def linear_gaussian(self) -> tuple[nn.Linear, torch.Tensor] | None:
+        r"""``(linear, σ)`` when :math:`p(x|z) = \mathcal N(Wz + b, \sigma^2 I)` exactly, else None.
+
+        The capability that the closed forms of :mod:`pyro_vae.exact` need
+        (with a standard Normal prior: probabilistic PCA). Only a fixed-scale
+        Normal head on a decoder that is one linear map declares it.
+        """
+        return None
 
 
 @LIKELIHOODS.register("bernoulli")
@@ -126,6 +135,14 @@ class NormalLikelihood(Likelihood):
         """:math:`p(x|z)`, batch shape ``z.shape[:-1]``, event shape ``event_shape``."""
         loc = self.decode(z)
         return dist.Normal(loc, self.scale.expand_as(loc)).to_event(len(self.event_shape))
+
+    def linear_gaussian(self) -> tuple[nn.Linear, torch.Tensor] | None:
+        """``(linear, σ)`` when the decoder is one linear map (``mlp`` with ``hidden = []``)."""
+        if isinstance(self.network, nn.Linear):
+            return self.network, self.scale
+        as_linear = getattr(self.network, "as_linear", None)
+        linear = as_linear() if as_linear is not None else None
+        return None if linear is None else (linear, self.scale)
 
 
 @LIKELIHOODS.register("normal-learned", example={"per_pixel": True})

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ComponentConfig
 from .errors import ConfigError
-from .registry import NETWORKS
+from .registry import NETWORKS, Describable
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -42,8 +42,23 @@ def make_activation(name: str) -> nn.Module:
         raise ConfigError(f"unknown activation {name!r}; valid names: {valid}") from None
 
 
+class Network(Describable, nn.Module):
+    """Base class of networks: tensor to tensor, ``(..., *in_shape) -> (..., out_features)``.
+
+    A network is registered in :data:`~pyro_vae.registry.NETWORKS` with a
+    ``from_config(in_shape, out_features, **options)``; ``out_features=None``
+    asks for an encoder trunk (its width is then the attribute ``out_features``).
+    """
+
+    out_features: int
+
+    def as_linear(self) -> nn.Linear | None:
+        """The single ``nn.Linear`` this network is, else ``None`` (the linear-Gaussian test)."""
+        return None
+
+
 @NETWORKS.register("mlp")
-class MLP(nn.Module):
+class MLP(Network):
     """A multilayer perceptron on flattened inputs.
 
     Shapes: ``(..., *in_shape) -> (..., out_features)``; the trailing
@@ -94,13 +109,19 @@ class MLP(nn.Module):
         """Map ``(..., *in_shape)`` to ``(..., out_features)``."""
         return self.layers(x.flatten(-len(self.in_shape)) if len(self.in_shape) > 1 else x)
 
+    def as_linear(self) -> nn.Linear | None:
+        """The single ``nn.Linear`` this network is (``hidden = []``), else ``None``."""
+        if len(self.layers) == 1 and isinstance(self.layers[0], nn.Linear):
+            return self.layers[0]
+        return None
+
 
 #: The image size that :class:`Conv` encodes and decodes.
 CONV_IMAGE = (28, 28)
 
 
 @NETWORKS.register("conv", example={"channels": [4, 8], "features": 16})
-class Conv(nn.Module):
+class Conv(Network):
     r"""A small convolutional encoder or decoder for 28x28 single-channel images.
 
     Each convolution halves the image side (kernel 4, stride 2, padding 1):
@@ -235,12 +256,14 @@ class BuildContext:
         event_shape: The shape of one datum.
         encoder: Network config of the encoder trunk, ``x -> features``.
         decoder: Network config of the decoder, ``z -> parameters``.
+        num_data: ``N``, the size of the training set, when known (per-datum guides).
     """
 
     latent_dim: int
     event_shape: tuple[int, ...]
     encoder: ComponentConfig
     decoder: ComponentConfig
+    num_data: int | None = None
 
     def encoder_network(self) -> nn.Module:
         """A trunk ``(..., *event_shape) -> (..., out_features)``."""

@@ -7,7 +7,7 @@ minibatch. Every prior has a density (``log_prob``) for any real z of shape
 against a diagonal-Normal guide, so the others are trained with a Monte Carlo
 KL term.
 
-:func:`pyro_vae.build.build_vae` calls :meth:`Prior.bind` with the VAE's guide
+:class:`pyro_vae.model.VAE` calls :meth:`Prior.bind` with its guide
 once both are built; the VampPrior uses it (its components are the guide's
 posteriors at learned pseudo-inputs), the other priors ignore it.
 """
@@ -24,13 +24,18 @@ from torch import nn
 
 from .errors import ConfigError
 from .guides import Guide
-from .registry import GUIDES, PRIORS
+from .registry import GUIDES, PRIORS, Describable
 
 
-class Prior(nn.Module):
-    """Base class of priors: ``forward() -> p(z)`` with event shape ``(D,)``."""
+class Prior(Describable, nn.Module):
+    r"""Base class of priors: ``forward() -> p(z)`` with batch shape ``()``, event shape ``(D,)``.
+
+    A subclass declares ``is_standard_normal`` when p(z) is exactly
+    :math:`\mathcal N(0, I)` (the closed forms of :mod:`pyro_vae.exact` need it).
+    """
 
     latent_dim: int
+    is_standard_normal: bool = False
 
     def forward(self) -> dist.TorchDistribution:  # pragma: no cover - abstract
         """The prior distribution p(z)."""
@@ -45,7 +50,7 @@ class Prior(nn.Module):
         """
 
     def bind(self, guide: Guide, event_shape: tuple[int, ...]) -> None:
-        """Receive the VAE's guide and the shape of one datum (called once by ``build_vae``).
+        """Receive the VAE's guide and the shape of one datum (called once by ``VAE(...)``).
 
         Priors that do not depend on the guide ignore this.
         """
@@ -62,6 +67,8 @@ class StandardNormalPrior(Prior):
         >>> StandardNormalPrior(2)().event_shape
         torch.Size([2])
     """
+
+    is_standard_normal = True
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -180,11 +187,10 @@ class VampPrior(Prior):
 
     Args:
         latent_dim: ``D``.
-        pseudo_inputs: ``K >= 1``, required (there is no sensible default: the
-            paper uses 500 for MNIST).
+        pseudo_inputs: ``K >= 1``; 500 as in the paper's MNIST experiments.
     """
 
-    def __init__(self, latent_dim: int, pseudo_inputs: int) -> None:
+    def __init__(self, latent_dim: int, pseudo_inputs: int = 500) -> None:
         super().__init__()
         if pseudo_inputs < 1:
             raise ConfigError(f"model.prior.pseudo_inputs must be >= 1, got {pseudo_inputs}")
@@ -194,8 +200,8 @@ class VampPrior(Prior):
         self._guide: Guide | None = None
 
     @classmethod
-    def from_config(cls, latent_dim: int, pseudo_inputs: int) -> VampPrior:
-        """Build from a config section (``pseudo_inputs``, required)."""
+    def from_config(cls, latent_dim: int, pseudo_inputs: int = 500) -> VampPrior:
+        """Build from a config section (``pseudo_inputs``, default 500)."""
         return cls(latent_dim, pseudo_inputs)
 
     @classmethod
@@ -205,11 +211,11 @@ class VampPrior(Prior):
         Raises:
             ConfigError: for a non-amortized or point-estimate guide; lists the valid ones.
         """
-        if not guide.amortized or guide.kl_weight == 0:
+        if not guide.is_amortized or guide.is_point_estimate:
             valid = [
                 name
                 for name in GUIDES.names()
-                if GUIDES.get(name).amortized and GUIDES.get(name).kl_weight != 0
+                if GUIDES.get(name).is_amortized and not GUIDES.get(name).is_point_estimate
             ]
             name = next((n for n in GUIDES.names() if GUIDES.get(n) is guide), guide.__name__)
             raise ConfigError(
@@ -220,6 +226,8 @@ class VampPrior(Prior):
     def bind(self, guide: Guide, event_shape: tuple[int, ...]) -> None:
         """Use ``guide`` as :math:`q_\\phi`; create pseudo-inputs of shape ``(K, *event_shape)``."""
         self.check_guide(type(guide))
+        if self._guide is guide and self.pseudo_inputs is not None:
+            return  # already bound to this guide (the same prior in a second VAE(...) call)
         # object.__setattr__: a reference, not a submodule (no duplicate parameters or state).
         object.__setattr__(self, "_guide", guide)
         self.pseudo_inputs = nn.Parameter(torch.rand(self.num_pseudo_inputs, *event_shape))
@@ -235,7 +243,7 @@ class VampPrior(Prior):
             RuntimeError: if no guide was bound (build the VAE with ``build_vae``).
         """
         if self._guide is None or self.pseudo_inputs is None:
-            raise RuntimeError("the vamp prior has no guide; build the VAE with build_vae")
+            raise RuntimeError("the vamp prior has no guide; pass it to VAE(prior, guide, ...)")
         components = self._guide(self.pseudo_inputs)
         weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.num_pseudo_inputs))
         return dist.MixtureSameFamily(weights, components)

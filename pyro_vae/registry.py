@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import typing
@@ -21,10 +22,50 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
+from .plugins import load_entry_points
 
 T = TypeVar("T")
 
 _CONTEXT_PARAMS = {"self", "cls", "ctx"}
+
+#: Option values a config can hold (TOML scalars and lists of them).
+_PLAIN = (bool, int, float, str)
+
+
+class Describable:
+    """Mixin: remember the arguments of the outermost ``__init__`` call.
+
+    A component built by hand (``MeanFieldGuide(MLP((8, 8), None, [32]), 4)``)
+    can then describe itself as a registry name plus options
+    (:meth:`Registry.describe`), so a hand-built VAE saves a config that
+    rebuilds it. Every base class of a component (prior, guide, likelihood,
+    network) derives from it.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_records_arguments", False):
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: Any, *args: Any, **kw: Any) -> None:
+            if "_init_arguments" not in self.__dict__:  # the outermost __init__ only
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                arguments = dict(list(bound.arguments.items())[1:])
+                object.__setattr__(self, "_init_arguments", arguments)
+            init(self, *args, **kw)
+
+        recording_init._records_arguments = True  # type: ignore[attr-defined]
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, _PLAIN)
 
 
 class Registry(Generic[T]):
@@ -43,7 +84,12 @@ class Registry(Generic[T]):
         self._examples: dict[str, dict[str, Any]] = {}
 
     def register(self, name: str, example: Mapping[str, Any] | None = None) -> Callable[[T], T]:
-        """Decorator that adds an entry under ``name``; names must be unique.
+        """Decorator that adds an entry under ``name``.
+
+        Registering the same entry again under the same name is allowed (a
+        notebook cell run twice, a plugin imported twice: the newer class
+        object replaces the older when it is the same class by module and
+        qualified name); another entry under a taken name raises.
 
         Args:
             name: The registered name.
@@ -52,8 +98,12 @@ class Registry(Generic[T]):
         """
 
         def decorator(entry: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            old = self._entries.get(name)
+            if old is not None and _identity(old) != _identity(entry):
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered as {_identity(old)}; "
+                    f"cannot register {_identity(entry)} under the same name"
+                )
             self._entries[name] = entry
             self._examples[name] = dict(example or {})
             return entry
@@ -64,6 +114,33 @@ class Registry(Generic[T]):
         """The example options registered with entry ``name``."""
         self.get(name)
         return dict(self._examples[name])
+
+    def name_of(self, entry: Any) -> str | None:
+        """The name ``entry`` (a class or function) is registered under, or ``None``."""
+        return next((n for n, e in self._entries.items() if e is entry), None)
+
+    def describe(self, component: Any) -> tuple[str, dict[str, Any]] | None:
+        """``(name, options)`` that rebuild ``component`` through this registry, or ``None``.
+
+        Read from the arguments its constructor was called with
+        (:class:`Describable`): each option of the entry that the constructor
+        took under the same name. ``None`` when the class is not registered,
+        was not recorded, or an option's value is not plain config data.
+        """
+        name = self.name_of(type(component))
+        arguments = component.__dict__.get("_init_arguments")
+        if name is None or arguments is None:
+            return None
+        options = {}
+        for key in self.options(name):
+            if key in arguments:
+                value = arguments[key]
+                if isinstance(value, tuple):
+                    value = list(value)
+                if not _plain(value):
+                    return None
+                options[key] = value
+        return name, options
 
     def names(self) -> list[str]:
         """The registered names, in registration order."""
@@ -81,8 +158,14 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            valid = ", ".join(self.names())
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+            pass
+        if isinstance(name, str) and load_entry_points() and name in self._entries:
+            return self._entries[name]
+        valid = ", ".join(self.names())
+        raise ConfigError(
+            f"unknown {self.kind} {name!r}; valid names: {valid} (a component of your own: "
+            "import the plugin that registers it, --plugin MODULE)"
+        )
 
     def factory(self, name: str) -> Callable[..., Any]:
         """The callable that builds entry ``name`` (its ``from_config`` if it has one)."""
@@ -139,6 +222,10 @@ class Registry(Generic[T]):
         return self.factory(name)(**context, **resolved)
 
 
+def _identity(entry: Any) -> str:
+    return f"{getattr(entry, '__module__', '?')}.{getattr(entry, '__qualname__', repr(entry))}"
+
+
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn)
@@ -191,3 +278,5 @@ GUIDES: Registry[Any] = Registry("guide")
 LIKELIHOODS: Registry[Any] = Registry("likelihood")
 OBJECTIVES: Registry[Any] = Registry("objective")
 DATASETS: Registry[Any] = Registry("dataset", context=("data_dir", "download"))
+#: Training methods: step strategies of the one trainer (:mod:`pyro_vae.train`).
+METHODS: Registry[Any] = Registry("training method", context=("vae", "objective", "train"))

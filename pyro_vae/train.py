@@ -1,38 +1,47 @@
-"""Training by stochastic variational inference, with checkpoints and resume.
+"""The one trainer: epochs, steps, checkpoints, resume, metrics; methods plug in as step strategies.
 
-Each step minimizes a Pyro ELBO's ``differentiable_loss`` of
-``(vae.model, vae.guide)`` on a minibatch, with the data plate scaled to the
-full training set, using ``torch.optim.Adam`` on ``vae.parameters()`` (no
-global param store). Each epoch records per-datum nats: the running train
-ELBO, and the test ELBO with its two parts,
-:math:`\\mathbb E_q[\\log p(x|z)]` and :math:`\\mathrm{KL}(q(z|x)\\|p(z))`.
-The running train value is the objective's (β-weighted, free-bits clamped,
-or the IWAE bound); the test numbers are always the plain ELBO. Each record
-also holds ``beta``, the KL weight of that epoch
-(:func:`~pyro_vae.objectives.kl_weight`: β after a linear warm-up), and
-``kl_estimator`` (:func:`~pyro_vae.objectives.kl_estimator`), which reads
-``"monte-carlo (fallback)"`` when ``elbo = "meanfield"`` found no closed-form
-KL for the prior and guide.
+:class:`Trainer` alone owns the loop: the minibatch order, the β schedule
+(:func:`~pyro_vae.objectives.kl_weight`: β after a linear warm-up, passed to
+the model as ``kl_scale``), progress, Ctrl-C, atomic checkpoints, resume,
+the epoch records, the non-finite-loss policy and the data-parallel hooks.
+What one step on a minibatch does is a *step strategy* (:class:`StepStrategy`)
+looked up by ``train.method`` in :data:`~pyro_vae.registry.METHODS`:
 
-After every epoch the checkpoint is written atomically; Ctrl-C stops at the
-next step boundary, saves a mid-epoch checkpoint and raises
-:class:`~pyro_vae.errors.TrainingInterrupted`. :func:`resume` continues and,
-on the CPU, ends with the same parameters and metrics as an uninterrupted run.
+* ``svi`` -- :class:`SVIStep`: one Adam step on every parameter against a
+  Pyro ELBO's ``differentiable_loss`` (:class:`DataParallelSVIStep` under
+  ``torchrun``, :mod:`pyro_vae.distributed`);
+* ``variational-em`` -- :class:`VariationalEMStep` (:mod:`pyro_vae.em`): E-steps on
+  per-datum q, then one M-step on the model.
+
+Each epoch records per-datum nats: the running train objective
+(``train_elbo``: β-weighted, free-bits clamped, or the IWAE bound), the plain
+ELBO with its two parts on the evaluation splits (``test_*``, ``valid_*``
+for an amortized guide; ``train_set_*``, the whole training set, for a
+per-datum guide), ``test_kl_per_dim`` where closed-form, ``beta``,
+``kl_estimator`` (:func:`~pyro_vae.objectives.kl_estimator`),
+``gradient_steps`` (cumulative) and ``seconds``.
+
+After every epoch the checkpoint (one layout for every method) is written
+atomically; Ctrl-C stops at the next step boundary, saves a mid-epoch
+checkpoint and raises :class:`~pyro_vae.errors.TrainingInterrupted`.
+:func:`resume` continues and, on the CPU, ends with the same parameters and
+metrics as an uninterrupted run, for every method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyro
 import pyro.infer.util
@@ -40,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .build import build_objective, build_vae, resolve
+from .build import build_objective, build_vae, method_options, resolve
 from .checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -50,15 +59,23 @@ from .checkpoint import (
     save_checkpoint,
     write_metrics,
 )
-from .config import Config
-from .data import PreparedData, check_fits, load_dataset, prepare
+from .config import ComponentConfig, Config, TrainConfig
+from .data import Dataset, PreparedData, check_fits, load_dataset, prepare
+from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
-from .model import VAE, kl_per_dim
+from .model import VAE
 from .objectives import kl_estimator, kl_weight
-from .registry import LIKELIHOODS
+from .registry import LIKELIHOODS, METHODS
 
 #: ``on_step(epoch, step, loss)``: called after every optimizer step.
 StepCallback = Callable[[int, int, float], None]
+
+
+class Callback(Protocol):
+    """What ``fit(..., callbacks=[...])`` calls: the hook for W&B, MLflow and the like."""
+
+    def on_epoch_end(self, record: dict[str, Any], vae: VAE) -> None:
+        """Called after each epoch with its metrics record (as in ``metrics.jsonl``)."""
 
 
 @dataclass
@@ -101,58 +118,143 @@ def load_data(config: Config) -> PreparedData:
     return data
 
 
-@torch.no_grad()
-def evaluate_elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> dict[str, Any]:
-    """Per-datum mean ELBO, reconstruction and KL of ``x`` (one z draw per datum).
+# --- step strategies ------------------------------------------------------------------
 
-    Returns:
-        ``{"elbo", "reconstruction", "kl"}`` in nats per datum, with
-        ``elbo = reconstruction - kl``, and ``"kl_per_dim"`` (a list of ``D``
-        floats, the mean closed-form KL of each latent dimension) where
-        :func:`~pyro_vae.model.kl_per_dim` defines it, else ``None``.
+
+class StepStrategy:
+    """How one minibatch updates the model; the :class:`Trainer` owns everything else.
+
+    A strategy is registered by name in :data:`~pyro_vae.registry.METHODS`;
+    its ``from_config`` keywords after the context are ``[train]`` keys it takes.
+
+    Class attributes declare what it honours (the trainer refuses the rest
+    with one line before any work): ``needs_amortized_guide`` /
+    ``needs_local_guide``, ``objectives`` (``None``: any), ``free_bits``.
     """
-    rec_sum = kl_sum = 0.0
-    per_dim: torch.Tensor | None = None
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        rec, kl = vae.elbo_terms(batch)
-        rec_sum += float(rec.sum())
-        kl_sum += float(kl.sum())
-        dims = kl_per_dim(vae.posterior(batch), vae.prior())
-        if dims is not None:
-            per_dim = dims.sum(0) if per_dim is None else per_dim + dims.sum(0)
-    rec_mean, kl_mean = rec_sum / len(x), kl_sum / len(x)
-    return {
-        "elbo": rec_mean - kl_mean,
-        "reconstruction": rec_mean,
-        "kl": kl_mean,
-        "kl_per_dim": None if per_dim is None else (per_dim / len(x)).tolist(),
-    }
+
+    needs_local_guide: bool = False
+    objectives: tuple[str, ...] | None = None
+    free_bits: bool = True
+    #: Gradient evaluations per :meth:`step` (for the records).
+    gradients_per_step: int = 1
+
+    @classmethod
+    def configure(cls, config: Config) -> Config:
+        """The config this method trains, with ``config`` as the user gave it (default: as is)."""
+        return config
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        """Raise a one-line :class:`ConfigError` for a setting this method cannot honour."""
+        method = config.train.method
+        if cls.objectives is not None and config.train.elbo not in cls.objectives:
+            raise ConfigError(
+                f"train.elbo = {config.train.elbo!r} does not apply to method {method!r}; "
+                f"valid: {', '.join(cls.objectives)}"
+            )
+        if not cls.free_bits and config.train.free_bits != 0:
+            raise ConfigError(
+                f"train.free_bits does not apply to method {method!r} (its E-step maximizes "
+                "the plain β-weighted ELBO per datum); use method svi or free_bits = 0"
+            )
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
+        """One update on the minibatch ``x`` (positions ``index``); returns the loss.
+
+        A non-finite loss must leave the parameters unchanged (the trainer then stops).
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state to checkpoint."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        raise NotImplementedError
 
 
-def svi_step(
-    vae: VAE,
-    objective: Any,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    index: torch.Tensor | None,
-    data_size: int | None,
-) -> float:
-    """One SVI step: the ELBO loss of the minibatch, its gradient, an optimizer step.
+@METHODS.register("svi")
+class SVIStep(StepStrategy):
+    """Stochastic variational inference: one Adam step on all parameters per minibatch.
 
-    The loss is :math:`-\\tfrac{N}{B}\\sum_{b} \\widehat{\\mathrm{ELBO}}(x_b)` (the data
-    plate scaled to ``data_size``); a non-finite loss skips the update.
+    The loss is :math:`-\\tfrac{N}{B}\\sum_{b} \\widehat{\\mathrm{ELBO}}_\\beta(x_b)`, a Pyro
+    ELBO's ``differentiable_loss`` of ``(vae.model, vae.guide)`` with the data
+    plate scaled to ``N``; a non-finite loss skips the update.
 
-    Returns:
-        The loss value (a float, NaN or infinite if the loss was).
+    Args:
+        vae: The model.
+        objective: A Pyro ELBO.
+        lr: Adam's learning rate.
     """
-    loss = objective.differentiable_loss(vae.model, vae.guide, x, index, data_size)
-    value = loss.item()
-    if math.isfinite(value):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return value
+
+    def __init__(self, vae: VAE, objective: Any, lr: float) -> None:
+        self.vae = vae
+        self.objective = objective
+        self.optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+
+    @classmethod
+    def from_config(cls, vae: VAE, objective: Any, train: TrainConfig) -> StepStrategy:
+        """SVI, or data-parallel SVI in a ``torchrun`` process group."""
+        if distributed.is_distributed():
+            return DataParallelSVIStep(vae, objective, train.lr, train.seed)
+        return cls(vae, objective, train.lr)
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
+        """One SVI step (see the class docstring)."""
+        loss = self.objective.differentiable_loss(
+            self.vae.model, self.vae.guide, x, index, data_size, kl_scale
+        )
+        value = loss.item()
+        if math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": Adam's state}``."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore Adam's state."""
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DataParallelSVIStep(SVIStep):
+    """:class:`SVIStep` on this rank's shard of each global minibatch, gradients averaged by DDP.
+
+    See :class:`~pyro_vae.distributed.DistributedSVI`. The trainer passes the
+    position ``(epoch, step)`` and the Ctrl-C flag through
+    :meth:`set_position`; :attr:`stop` tells whether any rank asked to stop.
+    """
+
+    def __init__(self, vae: VAE, objective: Any, lr: float, seed: int) -> None:
+        super().__init__(vae, objective, lr)
+        self.ddp = distributed.DistributedSVI(vae, objective, next(_devices(vae)), seed)
+        self.position = (0, 0)
+        self.interrupted = False
+        self.stop = False
+
+    def set_position(self, epoch: int, step: int, interrupted: bool) -> None:
+        """The step about to run and whether this rank was interrupted."""
+        self.position, self.interrupted = (epoch, step), interrupted
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
+        """One data-parallel step; the global loss, the same on every rank."""
+        value, self.stop = self.ddp.step(
+            self.optimizer, x, index, data_size, self.position, self.interrupted, kl_scale
+        )
+        return value
+
+
+def _devices(vae: VAE) -> Iterator[torch.device]:
+    for p in vae.parameters():
+        yield p.device
+    yield torch.device("cpu")
+
+
+# --- the trainer -------------------------------------------------------------------------
 
 
 @contextmanager
@@ -173,122 +275,87 @@ def _sigint_flag() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def fit(
-    config: Config,
-    out_dir: str | Path | None = None,
-    *,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    on_step: StepCallback | None = None,
-) -> TrainResult:
-    """Train a VAE from scratch as ``config`` describes.
-
-    Args:
-        config: The run's config; validated and resolved first.
-        out_dir: Run directory for ``config.toml``, ``checkpoint.pt`` and
-            ``metrics.jsonl``; ``None`` keeps everything in memory.
-        progress: Show a tqdm progress bar.
-        log: Called with one line per epoch (e.g. ``print``).
-        on_step: Called after every optimizer step.
-
-    Raises:
-        ConfigError, DataError: before training starts, for bad input.
-        NonFiniteLossError: the loss became NaN or infinite.
-        TrainingInterrupted: Ctrl-C; a checkpoint was saved first.
-    """
-    if config.train.method != "svi":
-        raise ConfigError(
-            f"train.method = {config.train.method!r} is trained by pyro_vae.fit_em "
-            "(pyro-vae train --method variational-em); fit trains method 'svi'"
-        )
-    if out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
-        raise ConfigError(
-            f"{out_dir} already holds a run; use --resume {out_dir} or another --out directory"
-        )
-    return _Trainer(config, out_dir, None, progress, log, on_step).run()
-
-
-def resume(
-    out_dir: str | Path,
-    *,
-    epochs: int | None = None,
-    device: str | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    on_step: StepCallback | None = None,
-) -> TrainResult:
-    """Continue the run in ``out_dir`` from its last checkpoint.
-
-    Args:
-        out_dir: A run directory written by :func:`fit`.
-        epochs: A new total number of epochs (default: the run's own).
-        device: Another device to continue on (default: the run's own).
-        progress: Show a tqdm progress bar.
-        log: Called with one line per epoch.
-        on_step: Called after every optimizer step.
-    """
-    out_dir = Path(out_dir)
-    if not (out_dir / CONFIG_FILE).exists():
-        raise CheckpointError(f"cannot resume: no {CONFIG_FILE} in {out_dir}")
-    config = Config.load(out_dir / CONFIG_FILE)
-    changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
-    state = load_checkpoint(out_dir)
-    return _Trainer(config, out_dir, state, progress, log, on_step).run()
-
-
 def _format_epoch(record: dict[str, Any]) -> str:
     beta = f"beta {record['beta']:.3g}  " if record.get("beta", 1.0) != 1.0 else ""
     fallback = record.get("kl_estimator") == "monte-carlo (fallback)"
+    split = "test" if "test_elbo" in record else "train_set" if "train_set_elbo" in record else None
+    label = {"test": "test ELBO", "train_set": "train-set ELBO"}.get(split or "", "")
+    terms = (
+        f"{label} {record[f'{split}_elbo']:.2f}  (rec {record[f'{split}_reconstruction']:.2f}, "
+        f"KL {record[f'{split}_kl']:.2f})  "
+        if split
+        else f"train objective {record['train_elbo']:.2f}  "
+    )
     return (
-        f"epoch {record['epoch']}  test ELBO {record['test_elbo']:.2f}  "
-        f"(rec {record['test_reconstruction']:.2f}, KL {record['test_kl']:.2f})  {beta}"
+        f"epoch {record['epoch']}  {terms}{beta}"
         + ("train KL by Monte Carlo (no closed form)  " if fallback else "")
         + f"{record['seconds']:.1f} s"
     )
 
 
-class _Trainer:
-    """One training run; holds the loop's state so it can be checkpointed."""
+class Trainer:
+    """One training run of ``vae`` on ``data``; holds the loop's state so it can be checkpointed.
+
+    Args:
+        config: The run's resolved config (``train`` drives the loop).
+        vae: The model, on the training device.
+        data: The prepared data.
+        out_dir: Run directory, or ``None`` to keep everything in memory.
+        state: A checkpoint to continue from (:func:`resume`).
+        progress: Show a tqdm progress bar.
+        log: Called with one line per epoch.
+        on_step: Called after every step with ``(epoch, step, loss)``.
+        callbacks: Objects with ``on_epoch_end(record, vae)``.
+        evaluate_splits: Splits whose ELBO each record holds (default: ``test``
+            and ``valid`` for an amortized guide, the training set for a per-datum one).
+    """
 
     def __init__(
         self,
         config: Config,
-        out_dir: str | Path | None,
-        state: dict[str, Any] | None,
-        progress: bool,
-        log: Callable[[str], None] | None,
-        on_step: StepCallback | None,
+        vae: VAE,
+        data: PreparedData,
+        out_dir: str | Path | None = None,
+        state: Mapping[str, Any] | None = None,
+        *,
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+        on_step: StepCallback | None = None,
+        callbacks: Sequence[Callback] = (),
+        evaluate_splits: Sequence[str] | None = None,
     ) -> None:
-        self.config = resolve(config)
+        self.config = config
+        self.vae = vae
+        self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.state = state
         self.progress = progress
         self.log = log
         self.on_step = on_step
+        self.callbacks = list(callbacks)
+        if evaluate_splits is None:
+            evaluate_splits = ("test", "valid") if vae.posterior.is_amortized else ("train_set",)
+        self.evaluate_splits = tuple(evaluate_splits)
+
+    def _path(self, name: str) -> Path:
+        assert self.out_dir is not None
+        return self.out_dir / name
 
     def run(self) -> TrainResult:
-        # [distributed] join torchrun's process group (WORLD_SIZE > 1) for the run
-        with distributed.process_group(resolve_device(self.config.train.device)):
-            device = distributed.local_device(resolve_device(self.config.train.device))
-            cuda = [device.index or 0] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                return self._run()
-
-    def _run(self) -> TrainResult:
-        cfg = self.config
-        device = distributed.local_device(resolve_device(cfg.train.device))  # [distributed]
+        """Train until ``train.epochs``; returns the model in eval mode."""
+        cfg, vae, data = self.config, self.vae, self.data
+        device = next(_devices(vae))
         main = distributed.is_main()  # [distributed] only rank 0 writes and prints
-        torch.manual_seed(cfg.train.seed)
-        with distributed.main_first():  # [distributed] rank 0 downloads first
-            data = load_data(cfg)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize=data.binarize))
-        vae = build_vae(cfg.model, data.event_shape).to(device)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
         objective = build_objective(cfg)
+        factory = METHODS.factory(cfg.train.method)
+        strategy: StepStrategy = factory(vae, objective, cfg.train, **method_options(cfg.train))
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
         train = data.train.to(device)
-        evaluation = {s: x.to(device) for s, x in data.splits.items() if s != "train"}
+        evaluation = {
+            s: (data.splits["train"] if s == "train_set" else data.splits[s]).to(device)
+            for s in self.evaluate_splits
+            if s == "train_set" or s in data.splits
+        }
 
         history: list[dict[str, Any]] = []
         epoch_done, step_done, perm, elbo_sum, seconds = 0, 0, None, 0.0, 0.0
@@ -300,7 +367,7 @@ class _Trainer:
                     f"the data's {data.event_shape}"
                 )
             load_state(vae, s["model"], str(self._path(CHECKPOINT_FILE)))
-            optimizer.load_state_dict(s["optimizer"])
+            strategy.load_state_dict(s["strategy"])
             torch.set_rng_state(s["rng"]["torch"])
             if device.type == "cuda" and s["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(s["rng"]["cuda"], device)
@@ -311,10 +378,6 @@ class _Trainer:
             elbo_sum, seconds, history = float(s["elbo_sum"]), float(s["seconds"]), s["history"]
         elif self.out_dir is not None and main:
             cfg.save(self._path(CONFIG_FILE))
-        # [distributed] DDP over this rank's shard of each minibatch; None: one process
-        ddp = None
-        if distributed.is_distributed():
-            ddp = distributed.DistributedSVI(vae, objective, device, cfg.train.seed)
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
@@ -327,13 +390,16 @@ class _Trainer:
             dynamic_ncols=True,
         )
         write = (bar.write if self.progress else self.log) if main else None
+        ddp = strategy if isinstance(strategy, DataParallelSVIStep) else None
 
         def snapshot(epoch: int, step: int) -> dict[str, Any]:
             return {
                 "config": cfg.to_dict(),
                 "event_shape": list(data.event_shape),
+                "num_data": n,
+                "method": cfg.train.method,
                 "model": vae.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "strategy": strategy.state_dict(),
                 "epoch": epoch,
                 "step": step,
                 "perm": perm.cpu() if (perm is not None and step > 0) else None,
@@ -353,7 +419,7 @@ class _Trainer:
             with _sigint_flag() as interrupted:
                 for epoch in range(epoch_done + 1, cfg.train.epochs + 1):
                     vae.train()
-                    vae.kl_scale = kl_weight(cfg.train.beta, cfg.train.kl_warmup_epochs, epoch)
+                    beta = kl_weight(cfg.train.beta, cfg.train.kl_warmup_epochs, epoch)
                     start = time.perf_counter()
                     if perm is None:
                         perm = torch.randperm(n, generator=generator, device=device)
@@ -362,16 +428,13 @@ class _Trainer:
                         x = train[index]
                         if data.dynamic:
                             x = torch.bernoulli(x, generator=generator)
+                        if ddp is not None:  # [distributed] where we are; was this rank stopped
+                            ddp.set_position(epoch, step, interrupted["set"])
                         # Validate the first step of a (re)start -- model/guide structure,
                         # distribution arguments -- then run the hot loop without it (the
                         # data were checked against the likelihood's support up front).
                         with pyro.validation_enabled(validate and first):
-                            if ddp is None:
-                                value = svi_step(vae, objective, optimizer, x, index, n)
-                            else:  # [distributed] the global loss; was any rank interrupted
-                                value, stop = ddp.step(
-                                    optimizer, x, index, n, (epoch, step), interrupted["set"]
-                                )
+                            value = strategy.step(x, index, n, beta)
                         first = False
                         if not math.isfinite(value):
                             where = self._path(CHECKPOINT_FILE) if self.out_dir else "none"
@@ -387,13 +450,15 @@ class _Trainer:
                                 self.on_step(epoch, step + 1, value)
                         except KeyboardInterrupt:
                             interrupted["set"] = True
-                        if (interrupted["set"] if ddp is None else stop) and step + 1 < steps:
+                        stop = interrupted["set"] if ddp is None else ddp.stop
+                        if stop and step + 1 < steps:
                             seconds += time.perf_counter() - start
                             self._interrupt(snapshot(epoch - 1, step + 1), epoch, step + 1)
                     seconds += time.perf_counter() - start
-                    record = self._epoch_record(vae, epoch, elbo_sum / n, evaluation, seconds)
-                    record["beta"] = vae.kl_scale
+                    record = self._epoch_record(epoch, elbo_sum / n, evaluation, seconds)
+                    record["beta"] = beta
                     record["kl_estimator"] = kl_estimator(objective)
+                    record["gradient_steps"] = epoch * steps * strategy.gradients_per_step
                     history.append(record)
                     perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
                     if self.out_dir is not None and main:
@@ -401,39 +466,35 @@ class _Trainer:
                         save_checkpoint(self._path(CHECKPOINT_FILE), snapshot(epoch, 0))
                     if write is not None:
                         write(_format_epoch(record))
+                    if main:
+                        for callback in self.callbacks:
+                            callback.on_epoch_end(dict(record), vae)
                     stop = distributed.any_rank(interrupted["set"])  # [distributed] all or none
                     if stop and epoch < cfg.train.epochs:
                         self._interrupt(None, epoch, 0)
         finally:
             bar.close()
-        vae.kl_scale = 1.0  # β is a training setting; the returned model is the plain VAE
         return TrainResult(vae.eval(), cfg, history, data)
 
     def _epoch_record(
-        self,
-        vae: VAE,
-        epoch: int,
-        train_elbo: float,
-        evaluation: dict[str, torch.Tensor],
-        seconds: float,
+        self, epoch: int, train_elbo: float, evaluation: dict[str, torch.Tensor], seconds: float
     ) -> dict[str, Any]:
-        vae.eval()
+        self.vae.eval()
         record: dict[str, Any] = {"epoch": epoch, "train_elbo": train_elbo}
-        for split in ("test", "valid"):
-            if split in evaluation:
-                # [distributed] each rank evaluates a shard; the means are all-reduced
-                terms = distributed.sharded_mean(partial(evaluate_elbo, vae), evaluation[split])
-                record[f"{split}_elbo"] = terms["elbo"]
-                record[f"{split}_reconstruction"] = terms["reconstruction"]
-                record[f"{split}_kl"] = terms["kl"]
-                if split == "test" and terms["kl_per_dim"] is not None:
-                    record["test_kl_per_dim"] = terms["kl_per_dim"]
+        for split, x in evaluation.items():
+            # [distributed] each rank evaluates a shard; the means are all-reduced
+            # (a per-datum guide evaluates its training data in one piece: x[i] is datum i)
+            if split == "train_set":
+                terms = evaluate_elbo(self.vae, x)
+            else:
+                terms = distributed.sharded_mean(partial(evaluate_elbo, self.vae), x)
+            record[f"{split}_elbo"] = terms["elbo"]
+            record[f"{split}_reconstruction"] = terms["reconstruction"]
+            record[f"{split}_kl"] = terms["kl"]
+            if split == "test" and terms["kl_per_dim"] is not None:
+                record["test_kl_per_dim"] = terms["kl_per_dim"]
         record["seconds"] = seconds
         return record
-
-    def _path(self, name: str) -> Path:
-        assert self.out_dir is not None
-        return self.out_dir / name
 
     def _interrupt(self, state: dict[str, Any] | None, epoch: int, step: int) -> None:
         if self.out_dir is None:
@@ -445,3 +506,249 @@ class _Trainer:
             f"resume with: pyro-vae train --resume {self.out_dir}",
             str(self.out_dir),
         )
+
+
+# --- the public entry points ----------------------------------------------------------------
+
+
+def _method(config: Config) -> type[StepStrategy]:
+    return METHODS.get(config.train.method)
+
+
+def _check_out_dir(out_dir: str | os.PathLike[str] | None) -> None:
+    if out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
+        raise ConfigError(
+            f"{out_dir} already holds a run; use --resume {out_dir} or another --out directory"
+        )
+
+
+@contextmanager
+def _run_context(config: Config) -> Iterator[torch.device]:
+    """The process group (under torchrun) and a forked RNG, for the whole run."""
+    requested = resolve_device(config.train.device)
+    with distributed.process_group(requested):  # [distributed] joins torchrun's group
+        device = distributed.local_device(requested)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            yield device
+
+
+def _as_dataset(data: Any) -> Dataset:
+    """A tensor, a dict of split tensors or a ``torch.utils.data.Dataset`` as a :class:`Dataset`."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        splits = {"train": data}
+    elif isinstance(data, Mapping):
+        splits = dict(data)
+    elif isinstance(data, torch.utils.data.Dataset):
+        try:
+            items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(
+                "fit: a torch Dataset must have a length and integer indexing"
+            ) from None
+        items = [item[0] if isinstance(item, tuple | list) else item for item in items]
+        splits = {"train": torch.stack([torch.as_tensor(i) for i in items])}
+    else:
+        raise ConfigError(
+            f"fit: data must be a tensor, a dict of split tensors or a torch Dataset, "
+            f"got {type(data).__name__}"
+        )
+    if "train" not in splits:
+        raise ConfigError(f"fit: data has no 'train' split; splits given: {', '.join(splits)}")
+    for split, x in splits.items():
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ConfigError(f"fit: split {split!r} must be a tensor (N, *event_shape)")
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"fit: split {split!r} has NaN or infinite values")
+    return Dataset("tensor", {s: x.float() for s, x in splits.items()})
+
+
+def fit(
+    model: Config | VAE,
+    data: Any = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    config: Config | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_step: StepCallback | None = None,
+    callbacks: Sequence[Callback] = (),
+    initialize: Callable[[VAE], None] | None = None,
+    evaluate_splits: Sequence[str] | None = None,
+) -> TrainResult:
+    """Train a VAE from a config (``fit(config, out_dir)``) or built by hand (``fit(vae, data)``).
+
+    Example:
+        >>> vae = VAE(StandardNormalPrior(2), guide, likelihood)  # doctest: +SKIP
+        >>> config = Config().override({"train.epochs": 5})
+        >>> result = fit(vae, x_train, config=config)  # doctest: +SKIP
+
+    Args:
+        model: A :class:`~pyro_vae.config.Config` (the model is built from its
+            ``[model]`` and the data loaded from its ``[data]``), or a
+            :class:`~pyro_vae.model.VAE`, trained in place.
+        data: With a VAE: a tensor ``(N, *event_shape)`` (the training set), a
+            dict of split tensors (``train`` required; ``test``/``valid``
+            are evaluated each epoch) or a ``torch.utils.data.Dataset``; the
+            data must fit the likelihood's support. With a config: ``None``
+            (for the old form ``fit(config, out_dir)`` it may be the run directory).
+        out_dir: Run directory for ``config.toml``, ``checkpoint.pt`` and
+            ``metrics.jsonl``; ``None`` keeps everything in memory. A run of a
+            hand-built VAE saves the config its components describe, so
+            :func:`pyro_vae.load` rebuilds it.
+        config: With a VAE: the ``[train]`` (and ``[data]`` binarization)
+            settings; its ``[model]`` is replaced by the VAE's own.
+        progress: Show a tqdm progress bar.
+        log: Called with one line per epoch (e.g. ``print``).
+        on_step: Called after every step.
+        callbacks: Objects with ``on_epoch_end(record, vae)``.
+        initialize: Called with the freshly built VAE before training (e.g. to copy weights).
+        evaluate_splits: Splits evaluated each epoch (see :class:`Trainer`).
+
+    Raises:
+        ConfigError, DataError: before training starts, for bad input.
+        NonFiniteLossError: the loss became NaN or infinite.
+        TrainingInterrupted: Ctrl-C; a checkpoint was saved first.
+    """
+    if isinstance(model, Config):
+        if config is not None:
+            raise ConfigError("fit(config, ...): pass the config once, as the first argument")
+        if data is not None and out_dir is None and isinstance(data, str | os.PathLike):
+            data, out_dir = None, data  # fit(config, out_dir)
+        if data is not None:
+            raise ConfigError("fit(config, ...) loads its data from [data]; pass a VAE to fit data")
+        return _fit_config(
+            model, out_dir, progress, log, on_step, callbacks, initialize, evaluate_splits
+        )
+    if not isinstance(model, VAE):
+        raise ConfigError(f"fit: expected a Config or a VAE, got {type(model).__name__}")
+    if data is None:
+        raise ConfigError("fit(vae, data): data missing (a tensor, a dict of splits or a Dataset)")
+    return _fit_vae(
+        model, data, out_dir, config or Config(), progress, log, on_step, callbacks,
+        evaluate_splits,
+    )  # fmt: skip
+
+
+def _fit_config(
+    config: Config,
+    out_dir: str | os.PathLike[str] | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    on_step: StepCallback | None,
+    callbacks: Sequence[Callback],
+    initialize: Callable[[VAE], None] | None,
+    evaluate_splits: Sequence[str] | None,
+) -> TrainResult:
+    _check_out_dir(out_dir)
+    cfg = resolve(config)
+    method = _method(cfg)
+    method.check(cfg)
+    with _run_context(cfg) as device:
+        torch.manual_seed(cfg.train.seed)
+        with distributed.main_first():  # [distributed] rank 0 downloads first
+            cfg = method.configure(cfg)
+            data = load_data(cfg)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize=data.binarize))
+        vae = build_vae(cfg.model, data.event_shape, num_data=len(data.train)).to(device)
+        if initialize is not None:
+            initialize(vae)
+        trainer = Trainer(
+            cfg, vae, data, out_dir, None, progress=progress, log=log, on_step=on_step,
+            callbacks=callbacks, evaluate_splits=evaluate_splits,
+        )  # fmt: skip
+        return trainer.run()
+
+
+def _fit_vae(
+    vae: VAE,
+    data: Any,
+    out_dir: str | os.PathLike[str] | None,
+    config: Config,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    on_step: StepCallback | None,
+    callbacks: Sequence[Callback],
+    evaluate_splits: Sequence[str] | None,
+) -> TrainResult:
+    _check_out_dir(out_dir)
+    dataset = _as_dataset(data)
+    support = vae.likelihood.support
+    binarize = config.data.binarize if config.data.binarize != "auto" else "none"
+    prepared = prepare(dataset, binarize, config.data.binarize_seed, support)
+    for split, x in prepared.splits.items():
+        check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, f"data {split}")
+    model_config = vae.describe(num_data=len(prepared.train))
+    cfg = Config(
+        data=dataclasses.replace(config.data, name="tensor", binarize=prepared.binarize),
+        model=model_config if model_config is not None else config.model,
+        train=config.train,
+        eval=config.eval,
+        plugins=config.plugins,
+    )
+    if out_dir is not None and model_config is None:
+        raise ConfigError(
+            "fit(vae, data, out_dir): a component of this VAE cannot describe itself as a "
+            "config (register its class, and its networks'), so the run could not be loaded; "
+            "train without out_dir or use registered components"
+        )
+    method = _method(cfg)
+    method.check(cfg)
+    with _run_context(cfg):
+        torch.manual_seed(cfg.train.seed)
+        trainer = Trainer(
+            cfg, vae, prepared, out_dir, None, progress=progress, log=log, on_step=on_step,
+            callbacks=callbacks, evaluate_splits=evaluate_splits,
+        )  # fmt: skip
+        return trainer.run()
+
+
+def resume(
+    out_dir: str | os.PathLike[str],
+    *,
+    epochs: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_step: StepCallback | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Continue the run in ``out_dir`` from its last checkpoint, whatever its method.
+
+    Args:
+        out_dir: A run directory written by :func:`fit` (this version or an earlier one).
+        epochs: A new total number of epochs (default: the run's own).
+        device: Another device to continue on (default: the run's own).
+        progress: Show a tqdm progress bar.
+        log: Called with one line per epoch.
+        on_step: Called after every optimizer step.
+        callbacks: Objects with ``on_epoch_end(record, vae)``.
+    """
+    from .checkpoint import read_run_config, upgrade_state
+
+    out_dir = Path(out_dir)
+    config = read_run_config(out_dir)
+    changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
+    state = upgrade_state(load_checkpoint(out_dir), out_dir)
+    if config.data.name == "tensor":
+        raise CheckpointError(
+            f"{out_dir} was trained on in-memory data (fit(vae, data)); resume it from Python "
+            "with the same data, or retrain"
+        )
+    cfg = resolve(config)
+    with _run_context(cfg) as run_device:
+        data = load_data(cfg)
+        vae = build_vae(cfg.model, tuple(state["event_shape"]), num_data=state["num_data"])
+        trainer = Trainer(
+            cfg, vae.to(run_device), data, out_dir, state, progress=progress, log=log,
+            on_step=on_step, callbacks=callbacks,
+        )  # fmt: skip
+        return trainer.run()
+
+
+def with_guide(config: Config, guide: ComponentConfig) -> Config:
+    """A copy of ``config`` with ``[model.guide]`` replaced."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, guide=guide))
