@@ -8,7 +8,7 @@
 The modules form layers; each imports only from the layers below it
 (``tests/test_layers.py`` checks it):
 
-1. ``errors``, ``files``, ``plugins``, ``registry``: foundations;
+1. ``_version``, ``errors``, ``files``, ``plugins``, ``registry``: foundations;
 2. ``config``: frozen configs with a TOML round trip;
 3. ``nets``, ``likelihoods``, ``guides``, ``priors``: the components;
 4. ``model``: ``VAE(prior, guide, likelihood)``, the Pyro model and guide;
@@ -51,7 +51,7 @@ from .priors import Prior
 from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
 from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "DATASETS",

@@ -8,6 +8,7 @@ rejects) prints one line to stderr and exits with code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,7 +73,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--method",
-        choices=["svi", "variational-em"],
         help="svi (amortized encoder) or variational-em (one q per datum, beside SVI)",
     )
     p.add_argument(
@@ -88,7 +88,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from . import fit, resume
+    from .train import fit, resume
     from .config import Config, parse_override
     from .errors import ConfigError
 
@@ -98,14 +98,12 @@ def _run_train(args: argparse.Namespace) -> int:
         extra = sorted(set(given) - _RESUMABLE) + (["config"] if args.config else [])
         extra += ["set"] if args.set else []
         extra += ["out"] if args.out else []
+        extra += ["plugin"] if args.plugin else []
         if extra:
             flag = "--" + extra[0].replace("_", "-")
             raise ConfigError(
                 f"{flag} cannot change a run being resumed; only --epochs and --device can"
             )
-        from .em import check_resumable
-
-        check_resumable(args.resume)
         result = resume(
             args.resume, epochs=args.epochs, device=args.device, progress=progress, log=log
         )
@@ -115,6 +113,8 @@ def _run_train(args: argparse.Namespace) -> int:
         overrides = dict(parse_override(s) for s in args.set)
         overrides.update({_TRAIN_FLAGS[k]: v for k, v in given.items()})
         config = config.override(overrides)
+        if args.plugin:
+            config = dataclasses.replace(config, plugins=(*config.plugins, *args.plugin))
         name = config.data.name.removeprefix("npz:").replace("/", "_")
         out = (
             Path(args.out)
@@ -192,23 +192,32 @@ COMMANDS: dict[
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-vae`` argument parser with every subcommand of :data:`COMMANDS`."""
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_text, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
+        p.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE first (it registers your own components); repeatable. "
+            "A run records its plugins: later commands on it import them by themselves",
+        )
         p.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
-    import pyro_vae  # noqa: F401  (registers every component)
+    from .plugins import import_plugins
 
     args = build_parser().parse_args(argv)
     try:
+        import_plugins(args.plugin)
         return args.run(args)
     except UserError as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)

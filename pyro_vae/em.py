@@ -174,6 +174,11 @@ class VariationalEMStep(StepStrategy):
 
     def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
         """E-steps then an M-step on the minibatch; the M-step's loss (NaN: nothing more done)."""
+        if self.local[0].shape[0] != data_size:
+            raise ConfigError(
+                f"the per-datum guide has {self.local[0].shape[0]} parameter sets "
+                f"but there are {data_size} training data"
+            )
         value = self.e_step(x, index, kl_scale)
         if value != value or abs(value) == float("inf"):
             return value

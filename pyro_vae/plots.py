@@ -37,8 +37,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from . import elbo
 from .errors import DataError
-from .model import VAE, kl_per_dim
+from .model import VAE
 
 #: Burda et al. (2016): dimension d is active when Cov_x(E_q[z_d]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -83,7 +84,7 @@ def _require_images(event_shape: Sequence[int]) -> None:
 
 
 def _require_amortized(vae: VAE) -> None:
-    if not getattr(vae.posterior, "amortized", True):
+    if not vae.posterior.is_amortized:
         raise DataError(
             "the guide is not amortized (it has parameters per training datum), so it has "
             "no posterior for new data; latent figures need an amortized guide"
@@ -491,7 +492,7 @@ def plot_latent_scatter(
 
 def model_kind(vae: VAE) -> str:
     """``"AE"`` for a point-estimate guide (KL weight 0), else ``"VAE"``."""
-    return "AE" if getattr(vae.posterior, "kl_weight", 1.0) == 0 else "VAE"
+    return "AE" if vae.posterior.is_point_estimate else "VAE"
 
 
 def plot_latent_comparison(
@@ -612,25 +613,14 @@ def active_units(
     return ActiveUnits(posterior_mean(vae, x).var(dim=0), threshold)
 
 
-@torch.no_grad()
 def mean_kl_per_dim(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Mean closed-form KL of each latent dimension over data ``x``, shape ``(D,)``.
+    """:func:`pyro_vae.elbo.mean_kl_per_dim` for new data ``x`` (an amortized guide), ``(D,)``.
 
     Raises:
-        DataError: the guide or the prior does not factorize over dimensions.
+        DataError: the guide is not amortized, or the KL does not factorize.
     """
     _require_amortized(vae)
-    total = None
-    for start in range(0, len(x), batch_size):
-        dims = kl_per_dim(vae.posterior(x[start : start + batch_size]), vae.prior())
-        if dims is None:
-            raise DataError(
-                "the KL has no per-dimension closed form for this guide and prior "
-                "(both must factorize over latent dimensions)"
-            )
-        total = dims.sum(0) if total is None else total + dims.sum(0)
-    assert total is not None
-    return total / len(x)
+    return elbo.mean_kl_per_dim(vae, x, batch_size)
 
 
 def plot_kl_per_dim(

@@ -315,7 +315,7 @@ def _config_section(run: _Run) -> _Section:
 
 def _metrics_section(run: _Run, active: tuple[int, int] | None) -> _Section:
     section = _Section("metrics")
-    if run.vae is not None and getattr(run.vae.posterior, "kl_weight", 1.0) == 0:
+    if run.vae is not None and run.vae.posterior.is_point_estimate:
         section.note(
             f"This run's guide ({run.config.model.guide.name}) is a point estimate: the model "
             "is a plain autoencoder, trained on the reconstruction alone. Its 'ELBO' and 'KL' "
@@ -707,7 +707,7 @@ def build_report(
         ]
     toc = "".join(f'<li><a href="#{key}">{html.escape(t)}</a></li>' for key, t in SECTIONS.items())
     title = f"pyro-vae report: {run_dir.resolve().name}"
-    from . import __version__
+    from ._version import __version__
 
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -649,7 +649,7 @@ def _fit_config(
     with _run_context(cfg) as device:
         torch.manual_seed(cfg.train.seed)
         with distributed.main_first():  # [distributed] rank 0 downloads first
-            cfg = method.configure(cfg)
+            cfg = resolve(method.configure(cfg))
             data = load_data(cfg)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize=data.binarize))
         vae = build_vae(cfg.model, data.event_shape, num_data=len(data.train)).to(device)

@@ -110,7 +110,7 @@ def test_data_with_nan_and_bad_checkpoints(tmp_path, capsys):
     assert code == 2 and "NaN or infinite" in err and err.count("\n") == 1
 
     code, _, err = run(["train", "--resume", str(tmp_path / "missing")], capsys)
-    assert code == 2 and "no config.toml" in err
+    assert code == 2 and "does not exist" in err
 
     out = tmp_path / "run"
     assert run(["train", *FAST, "--out", str(out)], capsys)[0] == 0

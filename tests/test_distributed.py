@@ -23,7 +23,15 @@ import pyro_vae
 from pyro_vae import ComponentConfig, Config, ModelConfig, TrainConfig, distributed
 from pyro_vae.cli import main as cli_main
 from pyro_vae.evaluate import log_importance_weights, log_mean_exp
-from pyro_vae.train import svi_step
+from pyro_vae.elbo import elbo_terms
+from pyro_vae.train import SVIStep
+
+
+def svi_step(vae, objective, optimizer, x, index, data_size):
+    """The one-process SVI step strategy with ``optimizer`` in place of its Adam."""
+    strategy = SVIStep(vae, objective, lr=1.0)
+    strategy.optimizer = optimizer
+    return strategy.step(x, index, data_size, 1.0)
 
 WORLD = 2
 # 1500 digits / 75 = 20 minibatches per epoch, each split 38 + 37 over two ranks
@@ -76,8 +84,8 @@ def fresh_vae(config):
 
 def per_datum_elbo(vae):
     def fn(x):
-        reconstruction, kl = vae.elbo_terms(x)
-        return reconstruction, kl
+        terms = elbo_terms(vae, x)
+        return terms.reconstruction, terms.kl
 
     return fn
 
@@ -297,7 +305,8 @@ def test_one_process_helpers_are_the_plain_computation():
     expected = []
     for start in range(0, 90, CHUNK):
         torch.manual_seed(distributed.chunk_seed(3, start))
-        expected.append(vae.elbo_terms(x[start : start + CHUNK]))
+        terms = elbo_terms(vae, x[start : start + CHUNK])
+        expected.append((terms.reconstruction, terms.kl))
     for got, want in zip(results, zip(*expected, strict=True), strict=True):
         assert got.shape == (90,)
         assert torch.equal(got, torch.cat(want))

@@ -7,6 +7,9 @@ against exact numbers rather than against another estimate.
 """
 
 import json
+import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +19,13 @@ import pyro_vae
 from pyro_vae import VAE, Config, ConfigError
 from pyro_vae.build import build_objective
 from pyro_vae.cli import main
-from pyro_vae.em import AMORTIZED_DIR, RowAdam, VariationalEM, check_resumable, fit_em
+from pyro_vae.elbo import RowAdam
+from pyro_vae.em import AMORTIZED_DIR, VariationalEMStep, fit_em
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.exact import linear_gaussian
 from pyro_vae.guides import LocalGuide
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_row_adam_is_adam_on_the_rows_it_steps_and_leaves_the_others():
@@ -50,7 +56,8 @@ def em_on_linear_model(n=32, local_lr=0.05, lr=1e-2, num_particles=16):
     vae = VAE(base.prior, guide, base.likelihood)
     # meanfield: closed-form KL; several particles for gradients of low variance
     objective = build_objective(Config().override({"train.num_particles": num_particles}))
-    return vae, x, VariationalEM(vae, objective, lr=lr, local_lr=local_lr, data_size=n)
+    em = VariationalEMStep(vae, objective, lr=lr, local_lr=local_lr, num_particles=num_particles)
+    return vae, x, em
 
 
 def test_e_step_reaches_the_optimal_diagonal_posterior_with_the_decoder_fixed():
@@ -60,8 +67,8 @@ def test_e_step_reaches_the_optimal_diagonal_posterior_with_the_decoder_fixed():
     index = torch.arange(len(x))
     torch.manual_seed(0)
     for lr in (0.05, 0.01, 0.002):  # a decreasing step size damps the stochastic jitter
-        em.local_optimizer.lr = lr
-        em.e_step(x, index, steps=100)
+        em.local_optimizer.lr, em.e_steps = lr, 100
+        em.e_step(x, index)
     best = lg.optimal_diagonal(x)
     q = vae.posterior(x, index)
     # stochastic steps: near the fixed point (the ELBO is flat there: the last check
@@ -77,13 +84,14 @@ def test_m_step_raises_the_exact_elbo_with_q_fixed():
     vae, x, em = em_on_linear_model(lr=2e-2)
     index = torch.arange(len(x))
     torch.manual_seed(1)
-    em.e_step(x, index, steps=60)
+    em.e_steps = 60
+    em.e_step(x, index)
     local = [p.detach().clone() for p in em.local]
     with torch.no_grad():
         q = vae.posterior(x, index)
     before = float(linear_gaussian(vae).elbo(x, q).sum())
     for _ in range(60):
-        em.m_step(x, index)
+        em.m_step(x, index, len(x))
     after = float(linear_gaussian(vae).elbo(x, q).sum())
     assert after > before + 1.0  # the exact ELBO of the same q rose (noise < 0.1 nats)
     for a, b in zip(local, em.local, strict=True):
@@ -94,10 +102,11 @@ def test_variational_em_needs_a_local_guide_of_the_right_size():
     base = linear_vae()
     objective = build_objective(Config())
     with pytest.raises(ConfigError, match="local"):
-        VariationalEM(base, objective, lr=1e-3, local_lr=0.1, data_size=10)
+        VariationalEMStep(base, objective, lr=1e-3)
     vae = VAE(base.prior, LocalGuide(num_data=5, latent_dim=2).double(), base.likelihood)
+    x = torch.zeros(3, *vae.event_shape, dtype=torch.float64)
     with pytest.raises(ConfigError, match="5 parameter sets"):
-        VariationalEM(vae, objective, lr=1e-3, local_lr=0.1, data_size=10)
+        VariationalEMStep(vae, objective, lr=1e-3).step(x, torch.arange(3), 10, 1.0)
 
 
 PPCA = {
@@ -121,11 +130,15 @@ def em_run(tmp_path_factory):
 
 def test_fit_em_records_both_bounds_and_writes_two_loadable_runs(em_run):
     out, result = em_run
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records == result.history and [r["epoch"] for r in records] == [1, 2, 3]
+    records = result.history
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     for r in records:
         for key in ("em_train_elbo", "amortized_train_elbo", "em_gradient_steps", "em_seconds"):
             assert key in r
+    # the EM run's own metrics file is the trainer's, one record per epoch
+    own = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert own == result.em_history
+    assert [r["train_set_elbo"] for r in own] == [r["em_train_elbo"] for r in records]
     # the same budget of minibatches: 8 per epoch; EM spends e_steps + 1 gradients on each
     assert records[-1]["amortized_gradient_steps"] == 3 * 8
     assert records[-1]["em_gradient_steps"] == 3 * 8 * (3 + 1)
@@ -136,7 +149,7 @@ def test_fit_em_records_both_bounds_and_writes_two_loadable_runs(em_run):
     assert isinstance(em_vae.posterior, LocalGuide) and em_vae.posterior.num_data == 2000
     assert Config.load(out / "config.toml").train.method == "variational-em"
     amortized = pyro_vae.load(out / AMORTIZED_DIR)
-    assert amortized.posterior.amortized
+    assert amortized.posterior.is_amortized
     assert Config.load(out / AMORTIZED_DIR / "config.toml").train.method == "svi"
     # both started from the same decoder: the fitted ones differ, the shapes agree
     for a, b in zip(em_vae.likelihood.parameters(), amortized.likelihood.parameters(), strict=True):
@@ -150,11 +163,55 @@ def test_em_run_evaluates_on_training_data_and_on_unseen_data(em_run):
     for s in (seen, unseen):
         assert s["exact_log_likelihood"] is not None
         assert s["elbo"] <= s["log_likelihood"] + 0.5
-    with pytest.raises(ConfigError, match="cannot be resumed"):
-        check_resumable(out)
 
 
-def test_cli_trains_by_variational_em_and_refuses_to_resume(tmp_path, capsys):
+EM_SMALL = {**PPCA, "train.epochs": 2, "train.batch_size": 500, "model.encoder.hidden": [8]}
+
+
+def em_config(**overrides):
+    return Config().override({**EM_SMALL, "train.method": "variational-em", **overrides})
+
+
+def test_em_honours_beta_and_warmup():
+    plain = pyro_vae.fit(em_config())
+    weighted = pyro_vae.fit(em_config(**{"train.beta": 0.1, "train.kl_warmup_epochs": 2}))
+    assert [r["beta"] for r in plain.history] == [1.0, 1.0]
+    assert [r["beta"] for r in weighted.history] == [0.0, 0.05]
+    assert weighted.config.train.beta == 0.1
+    # a smaller KL weight lets q stray further from the prior (0.1.0 trained both alike)
+    assert weighted.history[-1]["train_set_kl"] > plain.history[-1]["train_set_kl"]
+    assert weighted.history[0]["train_elbo"] != plain.history[0]["train_elbo"]
+    a, b = plain.vae.state_dict(), weighted.vae.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_em_refuses_what_it_cannot_honour():
+    with pytest.raises(ConfigError, match="free_bits does not apply to method 'variational-em'"):
+        pyro_vae.fit(em_config(**{"train.free_bits": 0.5}))
+    with pytest.raises(ConfigError, match="train.elbo = 'iwae' does not apply"):
+        pyro_vae.fit(em_config(**{"train.elbo": "iwae"}))
+    with pytest.raises(ConfigError, match="train.e_steps = 3 does not apply to method 'svi'"):
+        pyro_vae.fit(Config().override({**EM_SMALL, "train.e_steps": 3}))
+
+
+def test_em_resumes_after_ctrl_c_exactly_like_an_uninterrupted_run(tmp_path):
+    config = em_config(**{"train.epochs": 3})
+    whole = pyro_vae.fit(config, tmp_path / "whole")
+
+    def interrupt(epoch, step, loss):
+        if (epoch, step) == (2, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(pyro_vae.TrainingInterrupted):
+        pyro_vae.fit(config, tmp_path / "cut", on_step=interrupt)
+    resumed = pyro_vae.resume(tmp_path / "cut")
+    a, b = whole.vae.state_dict(), resumed.vae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in whole.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip
+
+
+def test_cli_trains_by_variational_em_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--dataset", "ppca", "--likelihood", "normal", "--latent-dim", "2"]
     args += ["--set", "model.decoder.hidden=[]", "--set", "model.encoder.hidden=[8]"]
@@ -162,10 +219,21 @@ def test_cli_trains_by_variational_em_and_refuses_to_resume(tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 0
     assert "variational EM" in capsys.readouterr().out
     assert (out / "checkpoint.pt").exists() and (out / AMORTIZED_DIR / "checkpoint.pt").exists()
-    assert main(["train", "--resume", str(out)]) == 2
-    assert "cannot be resumed" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, exit 2
-        main([*args[:-2], "--method", "gibbs", "--out", str(tmp_path / "x")])
-    assert exit_info.value.code == 2
-    with pytest.raises(ConfigError, match="train.method"):
-        Config().override({"train.method": "gibbs"})
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main([*args[:-2], "--method", "gibbs", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown training method 'gibbs'" in capsys.readouterr().err
+
+
+def test_a_variational_em_run_of_version_0_1_loads_evaluates_and_explains_why_not_resume(
+    tmp_path, capsys
+):
+    run = tmp_path / "old-em"
+    shutil.copytree(FIXTURES / "v0.1-em", run)
+    vae = pyro_vae.load(run)
+    assert isinstance(vae.posterior, LocalGuide)
+    summary = evaluate_run(run, split="test", num_samples=20, max_data=5, write=False).summary
+    assert math.isfinite(summary["log_likelihood"])
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and len(err.strip().splitlines()) == 1

@@ -38,11 +38,11 @@ from pyro_vae.guides import Guide, LocalGuide
 class FunctionGuide(Guide):
     """A test guide: q(z|x) = make(x), any distribution with batch (B,) and event (D,)."""
 
-    def __init__(self, make, latent_dim, kl_weight=1.0):
+    def __init__(self, make, latent_dim, is_point_estimate=False):
         super().__init__()
         self.make = make
         self.latent_dim = latent_dim
-        self.kl_weight = kl_weight
+        self.is_point_estimate = is_point_estimate
 
     def forward(self, x, index=None):
         return self.make(x)
@@ -326,7 +326,7 @@ def test_bad_input_is_a_one_line_user_error():
     full = with_guide(vae, lg.posterior)  # a full-covariance q cannot be refined
     with pytest.raises(UserError, match="diagonal Normal"):
         evaluate(full, x, num_samples=10, gaps=True)
-    point = with_guide(vae, shifted_diagonal(lg), kl_weight=0.0)
+    point = with_guide(vae, shifted_diagonal(lg), is_point_estimate=True)
     with pytest.raises(UserError, match="point estimate"):
         evaluate(point, x, num_samples=10)
     for error in (ConfigError, DataError, UserError):

@@ -129,8 +129,9 @@ def test_component_shapes():
     assert q.batch_shape == (6,) and q.event_shape == (4,)
     lik = vae.likelihood(q.rsample())
     assert lik.batch_shape == (6,) and lik.event_shape == EVENT
-    rec, kl = vae.elbo_terms(x)
-    assert rec.shape == kl.shape == (6,)
+    terms = pyro_vae.elbo.elbo_terms(vae, x)
+    rec, kl = terms.reconstruction, terms.kl
+    assert rec.shape == kl.shape == (6,) and terms.kl_per_dim.shape == (6, 4)
     assert (kl >= 0).all()
 
 

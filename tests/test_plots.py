@@ -226,7 +226,7 @@ def test_plot_manifold_needs_two_latent_dimensions(runs):
         plots.plot_manifold(pyro_vae.load(runs[4][0]))
 
 
-class _FullCovariancePrior(nn.Module):
+class _FullCovariancePrior(pyro_vae.Prior):
     """N(0, I) as a MultivariateNormal: no per-dimension icdf, so quantiles are empirical."""
 
     latent_dim = 2

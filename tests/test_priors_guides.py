@@ -292,7 +292,7 @@ def test_iaf_log_prob_is_base_log_prob_minus_log_det_of_a_numerical_jacobian():
 
 def test_delta_guide_is_a_plain_autoencoder_with_the_kl_term_dropped():
     assert "NOT a VAE" in DeltaGuide.__doc__
-    assert DeltaGuide.kl_weight == 0.0
+    assert DeltaGuide.is_point_estimate and DeltaGuide.is_amortized
     vae = small_model(("standard-normal", {}), ("delta", {}))
     x = torch.bernoulli(torch.full((4, 6), 0.5))
     code = vae.posterior.loc(vae.posterior.trunk(x))
@@ -326,7 +326,7 @@ def config_with(prior=None, guide=None):
 @pytest.mark.parametrize(
     ("prior", "guide", "message"),
     [
-        (("vamp", {}), None, "missing required key 'pseudo_inputs' for prior 'vamp'"),
+        (("vamp", {"pseudo_inputs": 0.5}), None, "model.prior.pseudo_inputs: expected int"),
         (("vamp", {"pseudo_inputs": 3}), ("delta", {}), "needs an amortized guide with a density"),
         (("mixture", {"components": "3"}), None, "model.prior.components: expected int"),
         (("flow", {"depth": 2}), None, "unknown key 'depth' for prior 'flow'"),
@@ -357,12 +357,15 @@ def test_bad_values_are_rejected_when_building(prior, guide, message):
         build_vae(config.model, (6,))
 
 
-def test_cli_rejects_vamp_without_pseudo_inputs_with_one_line_and_exit_2(tmp_path, capsys):
-    code = main(["train", "--prior", "vamp", "--epochs", "1", "--out", str(tmp_path / "r")])
+def test_cli_trains_vamp_with_500_pseudo_inputs_by_default(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--prior", "vamp", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    assert Config.load(out / "config.toml").model.prior.options == {"pseudo_inputs": 500}
+    assert pyro_vae.load(out).prior.pseudo_inputs.shape == (500, 8, 8)
+    code = main(["train", "--prior", "vamp", "--set", "model.prior.pseudo_inputs=0", "--epochs",
+                 "1", "--out", str(tmp_path / "bad")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and "pseudo_inputs" in err
-    assert not (tmp_path / "r").exists()
+    assert code == 2 and err.count("\n") == 1 and "pseudo_inputs must be >= 1" in err
 
 
 # --- config files ---------------------------------------------------------------

@@ -153,7 +153,10 @@ def test_fit_refuses_to_overwrite_a_run(tmp_path):
         pyro_vae.fit(tiny(epochs=1), tmp_path / "run")
 
 
-def test_fit_refuses_variational_em_configs():
-    config = tiny(epochs=1, method="variational-em")
-    with pytest.raises(pyro_vae.ConfigError, match="pyro_vae.fit_em"):
-        pyro_vae.fit(config)
+def test_fit_trains_every_method_with_the_one_trainer():
+    result = pyro_vae.fit(tiny(epochs=1, method="variational-em"))
+    assert result.config.model.guide.name == "local"  # the method's own guide
+    record = result.history[0]
+    assert "train_set_elbo" in record and "test_elbo" not in record  # no q for unseen data
+    steps = -(-len(result.data.train) // 100)  # minibatches of 100
+    assert record["gradient_steps"] == steps * (5 + 1)  # 5 E-steps and an M-step each
