@@ -33,6 +33,7 @@ def svi_step(vae, objective, optimizer, x, index, data_size):
     strategy.optimizer = optimizer
     return strategy.step(x, index, data_size, 1.0)
 
+
 WORLD = 2
 # 1500 digits / 75 = 20 minibatches per epoch, each split 38 + 37 over two ranks
 BATCH = 75

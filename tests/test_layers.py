@@ -51,7 +51,9 @@ def imports_of(path: Path) -> set[str]:
                 found.add(node.module.split(".")[0])
             else:  # from . import x: module x, or a name of the package itself
                 found.update(a.name if a.name in LEVEL else "__init__" for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyro_vae"):
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyro_vae")
+        ):
             parts = node.module.split(".")
             if len(parts) > 1:
                 found.add(parts[1])

@@ -1,0 +1,347 @@
+"""The engine as users meet it: Pyro's own loops, hand-built VAEs, plugins, old runs.
+
+* Pyro's canonical ``SVI(vae.model, vae.guide, pyro.optim.Adam, Trace_ELBO())``
+  trains every parameter, without the global param store, and two VAEs stay
+  independent.
+* ``VAE(prior, guide, likelihood)`` built by hand trains with
+  ``fit(vae, data)`` and saves and loads like a config-built run.
+* Every registered name trains with no extra keys.
+* A plugin registers a component in one process; later commands in fresh
+  processes import it from the run's config.
+* Run directories written by pyro-vae 0.1 load, evaluate and resume.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+import pyro_vae
+from pyro_vae import (
+    GUIDES,
+    LIKELIHOODS,
+    METHODS,
+    NETWORKS,
+    OBJECTIVES,
+    PRIORS,
+    VAE,
+    ComponentConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+)
+from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.evaluate import evaluate_run
+from pyro_vae.guides import MeanFieldGuide
+from pyro_vae.likelihoods import BernoulliLikelihood
+from pyro_vae.nets import MLP
+from pyro_vae.priors import VampPrior
+from pyro_vae.registry import Registry
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EVENT = (8, 8)
+
+
+def small_vae(seed):
+    torch.manual_seed(seed)
+    model = ModelConfig(
+        latent_dim=3,
+        encoder=ComponentConfig("mlp", {"hidden": [16]}),
+        decoder=ComponentConfig("mlp", {"hidden": [16]}),
+        prior=ComponentConfig("learned-normal"),
+    )
+    return pyro_vae.build_vae(pyro_vae.resolve(Config(model=model)).model, EVENT)
+
+
+def binary(n=32, seed=1):
+    return torch.bernoulli(
+        torch.full((n, *EVENT), 0.3), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def snapshot(vae):
+    return {k: v.detach().clone() for k, v in vae.named_parameters()}
+
+
+# --- Pyro's own loops ---------------------------------------------------------------
+
+
+def test_pyro_canonical_svi_loop_trains_every_parameter_and_two_models_stay_apart():
+    a, b = small_vae(0), small_vae(1)
+    x = binary()
+    a0, b0 = snapshot(a), snapshot(b)
+    svi_a = SVI(a.model, a.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi_b = SVI(b.model, b.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi_a.step(x)
+    changed = {k for k, v in a.named_parameters() if not torch.equal(v, a0[k])}
+    assert changed == set(a0)  # every parameter, prior's included
+    assert all(torch.equal(v, b0[k]) for k, v in b.named_parameters())  # b untouched
+    assert len(pyro.get_param_store()) == 0  # nothing in Pyro's global store
+    svi_b.step(x)
+    a1 = snapshot(a)
+    assert all(torch.equal(v, a1[k]) for k, v in a.named_parameters())  # a untouched by b
+    pyro.clear_param_store()  # must not break a trained model
+    svi_a.step(x)
+    assert all(not torch.equal(v, a1[k]) for k, v in a.named_parameters())
+
+
+def test_pyro_elbo_module_drives_torch_optim_over_the_vae_parameters():
+    vae, x = small_vae(0), binary()
+    loss_fn = Trace_ELBO()(vae.model, vae.guide)
+    assert {id(p) for p in loss_fn.parameters()} == {id(p) for p in vae.parameters()}
+    before = snapshot(vae)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    loss_fn(x).backward()
+    optimizer.step()
+    assert all(not torch.equal(v, before[k]) for k, v in vae.named_parameters())
+
+
+def test_beta_is_an_argument_of_the_model_not_a_field():
+    vae, x = small_vae(0), binary()
+    trace = pyro.poutine.trace(vae.model).get_trace(x, None, None, 0.25)
+    assert trace.nodes["z"]["scale"] == 0.25
+    assert not hasattr(vae, "kl_scale")
+
+
+# --- injection by hand ------------------------------------------------------------
+
+
+def hand_built_vamp():
+    torch.manual_seed(0)
+    trunk = MLP(EVENT, None, hidden=[16])
+    guide = MeanFieldGuide(trunk, 3)
+    likelihood = BernoulliLikelihood(MLP((3,), 64, hidden=[16]), EVENT)
+    return VAE(VampPrior(3, pseudo_inputs=5), guide, likelihood)
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict", "dataset"])
+def test_a_hand_built_vamp_vae_trains_saves_and_loads(tmp_path, form):
+    vae = hand_built_vamp()
+    x, test = binary(40), binary(10, seed=2)
+    data = {
+        "tensor": x,
+        "dict": {"train": x, "test": test},
+        "dataset": torch.utils.data.TensorDataset(x, torch.zeros(40)),
+    }[form]
+    config = Config().override({"train.epochs": 2, "train.batch_size": 16})
+    before = snapshot(vae)
+    result = pyro_vae.fit(vae, data, tmp_path / "run", config=config)
+    assert result.vae is vae and len(result.history) == 2
+    assert all(not torch.equal(v, before[k]) for k, v in vae.named_parameters())
+    assert ("test_elbo" in result.history[0]) == (form == "dict")
+    loaded = pyro_vae.load(tmp_path / "run")
+    assert isinstance(loaded.prior, VampPrior) and loaded.prior.num_pseudo_inputs == 5
+    for (k, v), (k2, v2) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    saved = Config.load(tmp_path / "run" / "config.toml")
+    assert saved.model.prior == ComponentConfig("vamp", {"pseudo_inputs": 5})
+    assert saved.model.encoder.options["hidden"] == [16]
+
+
+def test_fit_refuses_bad_data_in_one_line():
+    vae = hand_built_vamp()
+    with pytest.raises(pyro_vae.DataError, match="not in {0, 1}"):
+        pyro_vae.fit(vae, torch.rand(10, *EVENT))
+    with pytest.raises(ConfigError, match="no 'train' split"):
+        pyro_vae.fit(vae, {"test": binary(4)})
+    with pytest.raises(ConfigError, match="must be a tensor, a dict"):
+        pyro_vae.fit(vae, [1, 2, 3])
+
+
+def test_a_vae_without_a_registered_component_trains_but_is_not_saved(tmp_path):
+    class Unregistered(pyro_vae.Prior):
+        def __init__(self):
+            super().__init__()
+            self.latent_dim = 3
+
+        def forward(self):
+            return pyro.distributions.Normal(torch.zeros(3), 1.0).to_event(1)
+
+    base = hand_built_vamp()
+    vae = VAE(Unregistered(), base.posterior, base.likelihood)
+    assert vae.describe() is None
+    config = Config().override({"train.epochs": 1})
+    assert len(pyro_vae.fit(vae, binary(20), config=config).history) == 1
+    with pytest.raises(ConfigError, match="cannot describe itself"):
+        pyro_vae.fit(vae, binary(20), tmp_path / "run", config=config)
+    assert not (tmp_path / "run").exists()
+
+
+# --- every name trains with no extra keys -----------------------------------------------
+
+
+def one_epoch(**overrides):
+    base = {
+        "model.latent_dim": 2,
+        "model.encoder.hidden": [8],
+        "model.decoder.hidden": [8],
+        "train.epochs": 1,
+        "train.batch_size": 500,
+    }
+    return pyro_vae.fit(Config().override({**base, **overrides}))
+
+
+ALL_NAMES = (
+    [("model.prior.name", n) for n in PRIORS.names()]
+    + [("model.guide.name", n) for n in GUIDES.names()]
+    + [("model.likelihood.name", n) for n in LIKELIHOODS.names()]
+    + [("train.elbo", n) for n in OBJECTIVES.names()]
+    + [("train.method", n) for n in METHODS.names()]
+)
+
+
+@pytest.mark.parametrize(("key", "name"), ALL_NAMES, ids=[f"{k}={n}" for k, n in ALL_NAMES])
+def test_every_listed_name_trains_with_no_extra_keys(key, name):
+    overrides = {key: name}
+    if key == "model.likelihood.name" and name.startswith("normal"):
+        overrides["data.binarize"] = "none"  # grey levels for a real-valued likelihood
+    if key == "model.prior.name" and name == "vamp":
+        overrides["model.prior.pseudo_inputs"] = 5  # the default 500 is slow for a unit test
+    result = one_epoch(**overrides)
+    assert len(result.history) == 1
+
+
+@pytest.mark.parametrize("name", NETWORKS.names())
+def test_every_network_trains_with_no_extra_keys(tmp_path, name):
+    npz = tmp_path / "images.npz"
+    import numpy as np
+
+    np.savez(npz, train=(np.random.default_rng(0).random((20, 28, 28)) < 0.3).astype("float32"))
+    result = pyro_vae.fit(
+        Config().override(
+            {
+                "data.name": f"npz:{npz}",
+                "model.encoder.name": name,
+                "model.decoder.name": name,
+                "train.epochs": 1,
+                "train.batch_size": 20,
+            }
+        )
+    )
+    assert len(result.history) == 1
+
+
+# --- registries and plugins ----------------------------------------------------------
+
+
+def test_registering_the_same_class_again_works_and_another_class_is_refused():
+    registry = Registry("thing")
+
+    class A:
+        pass
+
+    registry.register("a")(A)
+    registry.register("a")(A)  # a notebook cell run twice
+    assert registry.get("a") is A
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("a")(type("B", (), {}))
+
+
+PLUGIN = """
+import pyro.distributions as dist
+import torch
+
+import pyro_vae
+
+
+@pyro_vae.PRIORS.register("student-t")
+class StudentTPrior(pyro_vae.Prior):
+    def __init__(self, latent_dim: int, df: float = 4.0):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.register_buffer("df", torch.tensor(df))
+
+    def forward(self):
+        zeros = self.df.new_zeros(self.latent_dim)
+        return dist.StudentT(self.df, zeros, torch.ones_like(zeros)).to_event(1)
+"""
+
+
+def cli(args, cwd, env):
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_plugin_works_across_processes(tmp_path):
+    (tmp_path / "my_priors.py").write_text(textwrap.dedent(PLUGIN))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    common = ["--epochs", "1", "--latent-dim", "2", "--quiet", "--out", "run"]
+    done = cli(["train", "--plugin", "my_priors", "--prior", "student-t", *common], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert Config.load(tmp_path / "run" / "config.toml").plugins == ("my_priors",)
+    evaluated = cli(["evaluate", "run", "--num-samples", "10", "--max-data", "5"], tmp_path, env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    reported = cli(["report", "run"], tmp_path, env)
+    assert reported.returncode == 0, reported.stderr
+    assert (tmp_path / "run" / "report.html").exists()
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import pyro_vae; print(type(pyro_vae.load('run').prior).__name__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.stdout.strip() == "StudentTPrior", loaded.stderr
+    # the plugin gone: one line naming it, exit 2
+    (tmp_path / "my_priors.py").unlink()
+    missing = cli(["evaluate", "run", "--num-samples", "10"], tmp_path, env)
+    assert missing.returncode == 2 and "my_priors" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    unknown = cli(["train", "--prior", "student-t", *common[:-1], "run2"], tmp_path, env)
+    assert unknown.returncode == 2 and "--plugin MODULE" in unknown.stderr
+
+
+# --- runs of earlier versions ------------------------------------------------------------
+
+
+def test_a_run_of_version_0_1_loads_evaluates_and_resumes(tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(FIXTURES / "v0.1-svi", run)
+    assert load_checkpoint(run)["format"] == 1  # written by pyro-vae 0.1
+    vae = pyro_vae.load(run)
+    summary = evaluate_run(run, num_samples=20, max_data=10, write=False).summary
+    assert summary["log_likelihood"] < 0
+    result = pyro_vae.resume(run, epochs=3)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(vae.state_dict().values(), result.vae.state_dict().values())
+    )
+
+
+def test_the_shared_binarized_mnist_run_resumes(tmp_path, shared_datasets):
+    source = Path(__file__).resolve().parents[2] / "shared" / "benchmark-runs" / "standard-vae"
+    if not (source / "checkpoint.pt").exists():
+        pytest.skip(f"{source} absent (shared benchmark runs)")
+    run = tmp_path / "standard-vae"
+    shutil.copytree(source, run)
+    done = len(pyro_vae.read_metrics(run))
+
+    def stop_soon(epoch, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    os.environ.setdefault("PYRO_VAE_DATA", str(shared_datasets))
+    with pytest.raises(pyro_vae.TrainingInterrupted):
+        pyro_vae.resume(run, epochs=done + 5, on_step=stop_soon)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["format"] == 2 and state["step"] == 3 and "strategy" in state
