@@ -19,6 +19,7 @@ The modules form layers; each imports only from the layers below it
 8. ``cli``: the command line.
 """
 
+from ._version import __version__
 from .build import build_objective, build_vae, resolve
 from .checkpoint import load, read_metrics
 from .config import ComponentConfig, Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
@@ -50,8 +51,6 @@ from .nets import Network
 from .priors import Prior
 from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
 from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
-
-from ._version import __version__
 
 __all__ = [
     "DATASETS",

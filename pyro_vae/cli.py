@@ -88,9 +88,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import fit, resume
     from .config import Config, parse_override
     from .errors import ConfigError
+    from .train import fit, resume
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     progress, log = (False, None) if args.quiet else (True, print)

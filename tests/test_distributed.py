@@ -22,8 +22,8 @@ import torch
 import pyro_vae
 from pyro_vae import ComponentConfig, Config, ModelConfig, TrainConfig, distributed
 from pyro_vae.cli import main as cli_main
-from pyro_vae.evaluate import log_importance_weights, log_mean_exp
 from pyro_vae.elbo import elbo_terms
+from pyro_vae.evaluate import log_importance_weights, log_mean_exp
 from pyro_vae.train import SVIStep
 
 

@@ -10,7 +10,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from matplotlib.colors import to_rgba
-from torch import nn
 
 import pyro_vae
 from pyro_vae import plots
