@@ -15,6 +15,7 @@ from . import likelihoods as _likelihoods  # noqa: F401
 from . import objectives as _objectives  # noqa: F401
 from . import priors as _priors  # noqa: F401
 from .config import ComponentConfig, Config, ModelConfig, TrainConfig
+from .data import IN_MEMORY
 from .errors import ConfigError
 from .model import VAE
 from .nets import BuildContext
@@ -56,7 +57,7 @@ def resolve(config: Config) -> Config:
     OBJECTIVES.resolve(config.train.elbo, objective_options(config.train), "train")
     METHODS.get(config.train.method)
     METHODS.resolve(config.train.method, method_options(config.train), "train")
-    if not (config.data.name.startswith("npz:") or config.data.name == IN_MEMORY_DATA):
+    if not (config.data.name.startswith("npz:") or config.data.name == IN_MEMORY):
         DATASETS.get(config.data.name)
     model = dataclasses.replace(config.model, **resolved)
     return dataclasses.replace(config, model=model)
@@ -92,9 +93,6 @@ OBJECTIVE_KEYS = ("num_particles", "free_bits")
 
 #: ``[train]`` keys that are options of a training method (see :data:`~pyro_vae.registry.METHODS`).
 METHOD_KEYS = ("e_steps", "local_lr")
-
-#: ``data.name`` of a run trained by ``fit(vae, data)`` on in-memory tensors.
-IN_MEMORY_DATA = "tensor"
 
 
 def _options(

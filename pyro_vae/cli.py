@@ -121,12 +121,16 @@ def _run_train(args: argparse.Namespace) -> int:
             if args.out
             else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        if config.train.method == "variational-em":
+        from .registry import METHODS
+
+        if METHODS.get(config.train.method).compare_with_amortized:
             from .distributed import launched_world_size
             from .em import fit_em
 
             if launched_world_size() > 1:  # [distributed] only SVI is data-parallel
-                raise ConfigError("--method variational-em runs in one process; omit torchrun")
+                raise ConfigError(
+                    f"--method {config.train.method} runs in one process; omit torchrun"
+                )
             em = fit_em(config, out, progress=progress, log=log)
             if not args.quiet:
                 print(em.summary())

@@ -46,6 +46,8 @@ BINARIZED_MNIST_URL = (
     "binarized_mnist_{split}.amat"
 )
 SPLIT_ORDER = ("train", "valid", "test")
+#: ``data.name`` of a run that :func:`pyro_vae.fit` trained on in-memory tensors.
+IN_MEMORY = "tensor"
 
 
 @dataclass
@@ -92,6 +94,11 @@ def load_dataset(
             or hold NaN or infinite values.
     """
     folder = Path(data_dir) if data_dir else default_data_dir()
+    if name == IN_MEMORY:
+        raise DataError(
+            "this run was trained on in-memory data (pyro_vae.fit(vae, data)), which is not "
+            "on disk; evaluate it from Python with the same tensors"
+        )
     if name.startswith("npz:"):
         dataset = load_npz(Path(name[4:]).expanduser())
     else:

@@ -89,6 +89,7 @@ class VariationalEMStep(StepStrategy):
 
     objectives = ("meanfield", "trace")
     free_bits = False
+    compare_with_amortized = True
 
     def __init__(
         self,
@@ -318,8 +319,6 @@ def fit_em(
         result.amortized_config = amortized.config
         result.amortized_history = amortized.history
     result.history = _side_by_side(em.history, result.amortized_history)
-    if log is not None:
-        log(result.summary())
     return result
 
 

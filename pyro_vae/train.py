@@ -60,7 +60,7 @@ from .checkpoint import (
     write_metrics,
 )
 from .config import ComponentConfig, Config, TrainConfig
-from .data import Dataset, PreparedData, check_fits, load_dataset, prepare
+from .data import IN_MEMORY, Dataset, PreparedData, check_fits, load_dataset, prepare
 from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from .model import VAE
@@ -137,6 +137,9 @@ class StepStrategy:
     free_bits: bool = True
     #: Gradient evaluations per :meth:`step` (for the records).
     gradients_per_step: int = 1
+    #: ``pyro-vae train`` also trains an amortized VAE beside it on the same budget
+    #: (:func:`pyro_vae.em.fit_em`), for the comparison the method exists to show.
+    compare_with_amortized: bool = False
 
     @classmethod
     def configure(cls, config: Config) -> Config:
@@ -562,7 +565,7 @@ def _as_dataset(data: Any) -> Dataset:
             raise ConfigError(f"fit: split {split!r} must be a tensor (N, *event_shape)")
         if not torch.isfinite(x).all():
             raise ConfigError(f"fit: split {split!r} has NaN or infinite values")
-    return Dataset("tensor", {s: x.float() for s, x in splits.items()})
+    return Dataset(IN_MEMORY, {s: x.float() for s, x in splits.items()})
 
 
 def fit(
@@ -682,7 +685,7 @@ def _fit_vae(
         check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, f"data {split}")
     model_config = vae.describe(num_data=len(prepared.train))
     cfg = Config(
-        data=dataclasses.replace(config.data, name="tensor", binarize=prepared.binarize),
+        data=dataclasses.replace(config.data, name=IN_MEMORY, binarize=prepared.binarize),
         model=model_config if model_config is not None else config.model,
         train=config.train,
         eval=config.eval,
@@ -733,7 +736,7 @@ def resume(
     changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
     state = upgrade_state(load_checkpoint(out_dir), out_dir)
-    if config.data.name == "tensor":
+    if config.data.name == IN_MEMORY:
         raise CheckpointError(
             f"{out_dir} was trained on in-memory data (fit(vae, data)); resume it from Python "
             "with the same data, or retrain"

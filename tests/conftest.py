@@ -1,9 +1,15 @@
 import os
 from pathlib import Path
 
-import pyro
-import pytest
-import torch
+# two test workers share two cores: one thread each, and the same for every
+# process a test starts (notebook kernels, CLI subprocesses, torchrun ranks)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

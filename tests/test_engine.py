@@ -40,6 +40,7 @@ from pyro_vae import (
     ModelConfig,
 )
 from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.cli import main
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.guides import MeanFieldGuide
 from pyro_vae.likelihoods import BernoulliLikelihood
@@ -279,35 +280,43 @@ def cli(args, cwd, env):
     )
 
 
-def test_a_plugin_works_across_processes(tmp_path):
+FRESH_PROCESS = """
+import json, sys
+import pyro_vae
+from pyro_vae.cli import main
+
+assert "my_priors" not in sys.modules
+assert main(["evaluate", "run", "--num-samples", "10", "--max-data", "5"]) == 0
+assert main(["report", "run"]) == 0
+print(json.dumps({"prior": type(pyro_vae.load("run").prior).__name__}))
+"""
+
+
+def test_a_plugin_works_across_processes(tmp_path, capsys):
     (tmp_path / "my_priors.py").write_text(textwrap.dedent(PLUGIN))
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    common = ["--epochs", "1", "--latent-dim", "2", "--quiet", "--out", "run"]
-    done = cli(["train", "--plugin", "my_priors", "--prior", "student-t", *common], tmp_path, env)
+    common = ["--epochs", "1", "--latent-dim", "2", "--quiet", "--out"]
+    done = cli(
+        ["train", "--plugin", "my_priors", "--prior", "student-t", *common, "run"], tmp_path, env
+    )
     assert done.returncode == 0, done.stderr
     assert Config.load(tmp_path / "run" / "config.toml").plugins == ("my_priors",)
-    evaluated = cli(["evaluate", "run", "--num-samples", "10", "--max-data", "5"], tmp_path, env)
-    assert evaluated.returncode == 0, evaluated.stderr
+    # evaluate, report and load in a fresh process that never names the plugin
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == {"prior": "StudentTPrior"}
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())
-    reported = cli(["report", "run"], tmp_path, env)
-    assert reported.returncode == 0, reported.stderr
     assert (tmp_path / "run" / "report.html").exists()
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import pyro_vae; print(type(pyro_vae.load('run').prior).__name__)"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert loaded.stdout.strip() == "StudentTPrior", loaded.stderr
-    # the plugin gone: one line naming it, exit 2
-    (tmp_path / "my_priors.py").unlink()
-    missing = cli(["evaluate", "run", "--num-samples", "10"], tmp_path, env)
-    assert missing.returncode == 2 and "my_priors" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
-    unknown = cli(["train", "--prior", "student-t", *common[:-1], "run2"], tmp_path, env)
-    assert unknown.returncode == 2 and "--plugin MODULE" in unknown.stderr
+    # here the plugin is not importable: one line naming it, exit 2
+    assert main(["evaluate", str(tmp_path / "run"), "--num-samples", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "my_priors" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["train", "--prior", "student-t", *common, str(tmp_path / "run2")]) == 2
+    assert "--plugin MODULE" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
 
 
 # --- runs of earlier versions ------------------------------------------------------------
@@ -343,3 +352,17 @@ def test_the_shared_binarized_mnist_run_resumes(tmp_path, shared_datasets):
         pyro_vae.resume(run, epochs=done + 5, on_step=stop_soon)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["format"] == 2 and state["step"] == 3 and "strategy" in state
+
+
+def test_the_readme_plugin_example_runs_as_printed_in_15_lines_or_fewer(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- example:plugin -->", 1)[1].split("```python\n", 1)[1]
+    code = block.split("```", 1)[0]
+    assert "PRIORS.register" in code and "pyro_vae.fit(" in code
+    assert len(code.strip().splitlines()) <= 15
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
