@@ -42,3 +42,31 @@ def devices() -> list:
             marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
         ),
     ]
+
+
+def tiny_run_config():
+    """The shared tiny run: digits, D = 2, 32-unit MLPs, 2 epochs of minibatches of 100."""
+    import dataclasses
+
+    import pyro_vae
+
+    model = dataclasses.replace(
+        pyro_vae.ModelConfig(latent_dim=2),
+        encoder=pyro_vae.ComponentConfig("mlp", {"hidden": [32]}),
+        decoder=pyro_vae.ComponentConfig("mlp", {"hidden": [32]}),
+    )
+    return pyro_vae.Config(model=model, train=pyro_vae.TrainConfig(epochs=2, batch_size=100))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run shared by the test modules: ``(run_dir, TrainResult)``.
+
+    Read-only: a test that writes into a run directory copies it first.
+    """
+    import pyro_vae
+
+    run_dir = tmp_path_factory.mktemp("shared") / "tiny"
+    with torch.random.fork_rng():
+        result = pyro_vae.fit(tiny_run_config(), run_dir)
+    return run_dir, result

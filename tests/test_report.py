@@ -81,11 +81,11 @@ def write_fake_evaluation(run_dir, n, k_max=64):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny finished digits run (D = 2) with evaluation files."""
+def run(tmp_path_factory, tiny_run):
+    """A tiny finished digits run (D = 2, the shared one, copied) with evaluation files."""
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    result = pyro_vae.fit(tiny_config(), run_dir)
-    write_fake_evaluation(run_dir, len(result.data.split("test")))
+    shutil.copytree(tiny_run[0], run_dir)
+    write_fake_evaluation(run_dir, len(tiny_run[1].data.split("test")))
     return run_dir
 
 
