@@ -53,14 +53,13 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro.distributions as dist
+import pyro
 import torch
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
@@ -69,7 +68,8 @@ from .data import check_fits
 from .elbo import fit_local_posterior, refine_posterior
 from .errors import ConfigError, NonFiniteLossError, UserError
 from .exact import linear_gaussian
-from .model import VAE
+from .model import DATA_PLATE, LATENT_SITE, VAE
+from .objectives import IWAE_ELBO
 
 #: Proposals by name: the guide :math:`q(z|x)` or the prior :math:`p(z)`.
 PROPOSALS = ("guide", "prior")
@@ -95,52 +95,14 @@ def _check_batch_distribution(q: Distribution, batch: int, latent_dim: int, what
         )
 
 
-@contextmanager
-def _default_validation(enabled: bool) -> Iterator[None]:
-    """Set torch's default ``validate_args`` for distributions built inside, then restore it."""
-    previous = Distribution._validate_args
-    Distribution.set_default_validate_args(enabled)
-    try:
-        yield
-    finally:
-        Distribution.set_default_validate_args(previous)
+def _proposal_guide(r: Distribution) -> Callable[..., torch.Tensor]:
+    """A Pyro guide that samples the latent site from ``r`` (batch ``(B,)``) in the data plate."""
 
+    def guide(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+            return pyro.sample(LATENT_SITE, r)
 
-def _diagonal_normal_sampler(
-    r: Distribution,
-) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None:
-    """For a diagonal Normal ``r``: draw ``k`` particles and their log density from one ``eps``.
-
-    :math:`z = \\mu + \\sigma \\odot \\varepsilon`,
-    :math:`\\log r(z) = -\\tfrac12 \\lVert\\varepsilon\\rVert^2 - \\sum_d \\log\\sigma_d
-    - \\tfrac D2 \\log 2\\pi`: the same draw and density as ``r.sample`` and
-    ``r.log_prob`` with fewer passes over the ``(k, B, D)`` particles. ``None``
-    for any other distribution.
-    """
-    if not (
-        isinstance(r, torch.distributions.Independent)
-        and type(r.base_dist) in (torch.distributions.Normal, dist.Normal)
-        and r.reinterpreted_batch_ndims == 1
-    ):
-        return None
-    loc, scale = r.base_dist.loc, r.base_dist.scale
-    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-
-    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        eps = torch.randn((k, *loc.shape), device=loc.device, dtype=loc.dtype)
-        return torch.addcmul(loc, scale, eps), -0.5 * eps.square().sum(-1) - log_norm
-
-    return draw
-
-
-def _generic_sampler(r: Distribution) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """Draw ``k`` particles of ``r`` and their log density (``r.sample``, ``r.log_prob``)."""
-
-    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z = r.sample((k,))
-        return z, r.log_prob(z)
-
-    return draw
+    return guide
 
 
 @torch.no_grad()
@@ -164,14 +126,17 @@ def log_importance_weights(
     with the proposal :math:`r` the guide :math:`q(z|x)` (``"guide"``), the
     prior (``"prior"``: then :math:`\\log w = \\log p(x|z)`), or any
     distribution with batch shape ``(B,)`` and event shape ``(D,)``.
-    Particles are drawn ``max(1, chunk_size // B)`` at a time, so memory is
-    bounded by ``chunk_size`` decoder outputs whatever ``K`` is.
+    The weights are those of the IWAE objective,
+    :meth:`~pyro_vae.objectives.IWAE_ELBO.log_weights` of ``(vae.model, r)``
+    (one computation for training and evaluation), ``max(1, chunk_size // B)``
+    vectorized particles at a time, so memory is bounded by ``chunk_size``
+    decoder outputs whatever ``K`` is.
 
     The data are checked against the likelihood's support and datum shape
     once, before sampling (:func:`~pyro_vae.data.check_fits`); with
-    ``validate=False`` (the default) the distributions built inside the loop
-    skip re-validating their arguments (about 10% of the time, for a
-    784-400-50 MLP), and NaN weights raise instead.
+    ``validate=False`` (the default) Pyro and the distributions built inside
+    the loop skip re-validating (about 10% of the time, for a 784-400-50
+    MLP), and NaN weights raise instead.
 
     Args:
         vae: The model.
@@ -195,10 +160,8 @@ def log_importance_weights(
     support = vae.likelihood.support
     check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, "the data")
     batch = x.shape[0]
-    prior = vae.prior()
-    from_prior = isinstance(proposal, str) and proposal == "prior"
-    if from_prior:
-        r = prior.expand((batch,))
+    if isinstance(proposal, str) and proposal == "prior":
+        r = vae.prior().expand((batch,))
     elif isinstance(proposal, str):
         if proposal != "guide":
             raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
@@ -211,17 +174,21 @@ def log_importance_weights(
     else:
         r = proposal
     _check_batch_distribution(r, batch, vae.latent_dim, "the proposal")
+    guide = _proposal_guide(r)
     per_chunk = max(1, chunk_size // batch)
     out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
-    draw = _diagonal_normal_sampler(r) or _generic_sampler(r)
-    with _default_validation(validate):
-        for start in range(0, num_samples, per_chunk):
-            k = min(per_chunk, num_samples - start)
-            z, log_r = draw(k)  # (k, B, D), (k, B)
-            log_w = vae.likelihood(z).log_prob(x)
-            if not from_prior:
-                log_w = log_w + prior.log_prob(z) - log_r
-            out[start : start + k] = log_w
+    previous = Distribution._validate_args  # pyro.validation_enabled restores Pyro's flag only
+    try:
+        with pyro.validation_enabled(validate):
+            for start in range(0, num_samples, per_chunk):
+                k = min(per_chunk, num_samples - start)
+                objective = IWAE_ELBO(
+                    num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1
+                )
+                log_w, _ = objective.log_weights(vae.model, guide, x, index)
+                out[start : start + k] = log_w
+    finally:
+        Distribution.set_default_validate_args(previous)
     if torch.isnan(out).any():
         raise NonFiniteLossError(
             "the log importance weights are NaN: the model gives non-finite densities"

@@ -207,8 +207,10 @@ class IWAE_ELBO(RenyiELBO):
     scale :math:`N/B` multiplies each datum's bound *after* the log-mean-exp
     over particles (``RenyiELBO`` puts it inside the weights, which biases
     the bound when :math:`N \ne B`). Other site scales (the KL weight β)
-    stay inside the weights. The guide must be fully reparameterized; the
-    gradient is then the exact gradient of the estimate.
+    stay inside the weights. With gradients enabled the guide must be fully
+    reparameterized; the gradient is then the exact gradient of the estimate.
+    :meth:`log_weights` is also what :func:`pyro_vae.evaluate.log_importance_weights`
+    computes, under ``torch.no_grad()`` with any proposal as the guide.
 
     References:
         Burda, Grosse & Salakhutdinov (2016), "Importance weighted
@@ -243,7 +245,7 @@ class IWAE_ELBO(RenyiELBO):
                 for site in trace.nodes.values():
                     if site["type"] != "sample":
                         continue
-                    if sign < 0:
+                    if sign < 0 and torch.is_grad_enabled():
                         check_fully_reparametrized(site)
                     subsample = _subsample_scale(site)
                     scales.add(subsample)
