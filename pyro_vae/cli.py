@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import NonFiniteLossError, TrainingInterrupted, UserError
-from .evaluate import add_evaluate_arguments, run_evaluate
-from .report import add_report_arguments, add_sample_arguments, run_report, run_sample
+from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -89,7 +87,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import Config, parse_override
-    from .errors import ConfigError
     from .train import fit, resume
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -148,6 +145,124 @@ def _run_train(args: argparse.Namespace) -> int:
             f"{last['test_elbo']:.2f} (epoch {last['epoch']}) nats per datum"
         )
     print(f"run saved in {out}; load it with pyro_vae.load({str(out)!r})")
+    return 0
+
+
+# --- evaluate ---------------------------------------------------------------------
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--iwae-k {text!r}: expected a comma-separated list of integers, e.g. 1,10,100"
+        ) from None
+    if not ks:
+        raise ConfigError("--iwae-k: expected at least one K, e.g. 1,10,100")
+    return ks
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae evaluate``."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
+    p.add_argument("--split", default="test", help="test, valid or train (default test)")
+    p.add_argument(
+        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
+    )
+    p.add_argument(
+        "--iwae-k", metavar="K1,K2,...", help="IWAE bounds to report (default 1,10,100,1000,5000)"
+    )
+    p.add_argument("--proposal", choices=("guide", "prior"), default="guide")
+    p.add_argument(
+        "--gaps", action="store_true", help="approximation and amortization gaps (slower)"
+    )
+    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
+    p.add_argument("--batch-size", type=int, metavar="B", help="data per batch (default 100)")
+    p.add_argument(
+        "--chunk-size", type=int, metavar="S", help="samples per decoder call (default 4096)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``pyro-vae evaluate``: print the table, write the two files."""
+    from .evaluate import EVALUATION_FILE, PER_DATUM_FILE, evaluate_run
+
+    result = evaluate_run(
+        args.run_dir,
+        split=args.split,
+        num_samples=args.num_samples,
+        iwae_k=None if args.iwae_k is None else _parse_ks(args.iwae_k),
+        proposal=args.proposal,
+        gaps=args.gaps,
+        max_data=args.max_data,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(result.table())
+    print(f"wrote {Path(args.run_dir) / EVALUATION_FILE} and {PER_DATUM_FILE}")
+    return 0
+
+
+# --- report and sample ---------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae report``."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
+    p.add_argument("--out", metavar="FILE.html", help="output file (default RUN_DIR/report.html)")
+    p.add_argument(
+        "--compare",
+        metavar="OTHER_RUN",
+        help="another run on the same data to draw beside this one (e.g. an autoencoder)",
+    )
+    p.add_argument("--split", help="data split for the figures (default: the evaluated one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and data shown")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Write the report; print where it is."""
+    from .report import write_report
+
+    path = write_report(
+        args.run_dir, args.out, compare=args.compare, split=args.split, seed=args.seed
+    )
+    print(f"report written to {path}; open it in a browser (it works offline)")
+    return 0
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae sample``."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
+    p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of samples")
+    p.add_argument("--out", metavar="FILE.png", help="output PNG (default RUN_DIR/samples.png)")
+    p.add_argument("--nrow", type=_positive_int, help="images per row (default about sqrt(n))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Decode ``n`` prior samples of a run into one PNG grid."""
+    from .report import write_samples
+
+    out = write_samples(args.run_dir, args.num, args.out, args.nrow, args.seed)
+    print(f"{args.num} samples written to {out}")
     return 0
 
 

@@ -47,7 +47,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -447,47 +446,18 @@ def evaluate(
     """
     if iwae_k is None:
         iwae_k = [k for k in (1, 10, 100, 1000, 5000) if k <= num_samples]
-    ks = check_sample_sizes(num_samples, iwae_k)
-    if proposal not in PROPOSALS:
-        raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    if len(x) == 0:
-        raise ConfigError("no data to evaluate")
-    likelihood_name = type(vae.likelihood).__name__
-    check_fits(x, vae.event_shape, vae.likelihood.support, likelihood_name, "evaluation data")
-    point_estimate = vae.posterior.is_point_estimate
-    if point_estimate and (proposal == "guide" or gaps):
-        raise UserError(
-            "the guide is a point estimate (no density): it can be neither an importance "
-            "sampling proposal nor refined for the gaps; use --proposal prior without --gaps"
-        )
-    if index is not None and index.shape != x.shape[:1]:
-        raise ConfigError(f"index must have shape ({len(x)},), got {tuple(index.shape)}")
-    local = not vae.posterior.is_amortized and index is None
-    if gaps and not local:  # fail before any work: can this guide's q be refined?
-        with torch.no_grad():
-            diagonal_normal_parameters(vae.posterior(x[:1], None if index is None else index[:1]))
-    refine_options = dict(refine_options or {})
-    exact = linear_gaussian(vae)
-    keys = ["log_likelihood", "log_likelihood_mc_stderr", "ess", "khat"]
-    keys += [f"iwae_{k}" for k in ks]
-    if not point_estimate:
-        keys.append("elbo")
-    if proposal == "prior" and not point_estimate:
-        keys += ["guide_log_likelihood", "guide_ess", "guide_khat"]
-    if gaps:
-        keys += ["refined_elbo", "approximation_gap", "amortization_gap", "refine_steps"]
-    if exact is not None:
-        keys.append("exact_log_likelihood")
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-
-    def keep(key: str, value: torch.Tensor | np.ndarray) -> None:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().double().cpu().numpy()
-        parts[key].append(np.asarray(value, dtype=np.float64))
-
+    ks = _check_inputs(vae, x, num_samples, iwae_k, proposal, gaps, index, batch_size, chunk_size)
+    plan = _BatchPlan(
+        ks=ks,
+        num_samples=num_samples,
+        proposal=proposal,
+        gaps=gaps,
+        local=not vae.posterior.is_amortized and index is None,
+        chunk_size=chunk_size,
+        refine_options=dict(refine_options or {}),
+        exact=linear_gaussian(vae),
+    )
+    parts: dict[str, list[np.ndarray]] = {}
     start_time = time.perf_counter()
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with (
@@ -498,58 +468,115 @@ def evaluate(
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size]
             ib = None if index is None else index[start : start + batch_size]
-            guide_q: Distribution | None = None
-            if not point_estimate:
-                if local:
-                    guide_q = fit_local_posterior(vae, xb, **refine_options)
-                else:
-                    with torch.no_grad():
-                        guide_q = vae.posterior(xb, ib)
-            main = guide_q if proposal == "guide" else "prior"
-            log_w = log_importance_weights(
-                vae, xb, num_samples, proposal=main, chunk_size=chunk_size
-            )
-            log_lik = log_mean_exp(log_w)
-            ess = effective_sample_size(log_w)
-            keep("log_likelihood", log_lik)
-            keep("log_likelihood_mc_stderr", log_likelihood_mc_stderr(ess, num_samples))
-            keep("ess", ess)
-            keep("khat", pareto_khat(log_w))
-            for k, bound in iwae_bounds(log_w, ks).items():
-                keep(f"iwae_{k}", bound)
-            guide_log_lik = log_lik
-            if guide_q is not None:
-                guide_log_w = log_w
-                if proposal == "prior":
-                    guide_log_w = log_importance_weights(
-                        vae, xb, num_samples, proposal=guide_q, chunk_size=chunk_size
-                    )
-                    guide_log_lik = log_mean_exp(guide_log_w)
-                    keep("guide_log_likelihood", guide_log_lik)
-                    keep("guide_ess", effective_sample_size(guide_log_w))
-                    keep("guide_khat", pareto_khat(guide_log_w))
-                elbo = guide_log_w.mean(0)
-                keep("elbo", elbo)
-                del guide_log_w
-            del log_w
-            if gaps:
-                assert guide_q is not None
-                loc, scale = diagonal_normal_parameters(guide_q)
-                refined = refine_posterior(vae, xb, loc, scale, **refine_options)
-                refined_elbo = log_importance_weights(
-                    vae, xb, num_samples, proposal=refined.distribution(), chunk_size=chunk_size
-                ).mean(0)
-                keep("refined_elbo", refined_elbo)
-                keep("approximation_gap", guide_log_lik - refined_elbo)
-                keep("amortization_gap", refined_elbo - elbo)
-                keep("refine_steps", np.full(len(xb), refined.steps))
-            if exact is not None:
-                keep("exact_log_likelihood", exact.log_likelihood(xb))
+            for key, value in _evaluate_batch(vae, xb, ib, plan).items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().double().cpu().numpy()
+                parts.setdefault(key, []).append(np.asarray(value, dtype=np.float64))
             bar.update(len(xb))
     per_datum = {key: np.concatenate(values) for key, values in parts.items()}
     summary = _summarize(per_datum, ks, num_samples, proposal, seed, split)
     summary["seconds"] = time.perf_counter() - start_time
     return Evaluation(summary, per_datum)
+
+
+def _check_inputs(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    iwae_k: Sequence[int],
+    proposal: str,
+    gaps: bool,
+    index: torch.Tensor | None,
+    batch_size: int,
+    chunk_size: int,
+) -> list[int]:
+    """Refuse bad input before any sampling; returns the checked IWAE K's."""
+    ks = check_sample_sizes(num_samples, iwae_k)
+    if proposal not in PROPOSALS:
+        raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if len(x) == 0:
+        raise ConfigError("no data to evaluate")
+    likelihood_name = type(vae.likelihood).__name__
+    check_fits(x, vae.event_shape, vae.likelihood.support, likelihood_name, "evaluation data")
+    if vae.posterior.is_point_estimate and (proposal == "guide" or gaps):
+        raise UserError(
+            "the guide is a point estimate (no density): it can be neither an importance "
+            "sampling proposal nor refined for the gaps; use --proposal prior without --gaps"
+        )
+    if index is not None and index.shape != x.shape[:1]:
+        raise ConfigError(f"index must have shape ({len(x)},), got {tuple(index.shape)}")
+    if gaps and (vae.posterior.is_amortized or index is not None):
+        with torch.no_grad():  # can this guide's q be refined?
+            diagonal_normal_parameters(vae.posterior(x[:1], None if index is None else index[:1]))
+    return ks
+
+
+@dataclass
+class _BatchPlan:
+    """What :func:`_evaluate_batch` computes for every batch."""
+
+    ks: list[int]
+    num_samples: int
+    proposal: str
+    gaps: bool
+    local: bool
+    chunk_size: int
+    refine_options: dict[str, Any]
+    exact: Any
+
+
+def _evaluate_batch(
+    vae: VAE, xb: torch.Tensor, ib: torch.Tensor | None, plan: _BatchPlan
+) -> dict[str, torch.Tensor | np.ndarray]:
+    """Every per-datum quantity of one batch (see :func:`evaluate`)."""
+    out: dict[str, torch.Tensor | np.ndarray] = {}
+    k_total, chunk = plan.num_samples, plan.chunk_size
+    guide_q: Distribution | None = None
+    if not vae.posterior.is_point_estimate:
+        if plan.local:
+            guide_q = fit_local_posterior(vae, xb, **plan.refine_options)
+        else:
+            with torch.no_grad():
+                guide_q = vae.posterior(xb, ib)
+    main = guide_q if plan.proposal == "guide" else "prior"
+    log_w = log_importance_weights(vae, xb, k_total, proposal=main, chunk_size=chunk)
+    log_lik = log_mean_exp(log_w)
+    ess = effective_sample_size(log_w)
+    out["log_likelihood"] = log_lik
+    out["log_likelihood_mc_stderr"] = log_likelihood_mc_stderr(ess, k_total)
+    out["ess"] = ess
+    out["khat"] = pareto_khat(log_w)
+    for k, bound in iwae_bounds(log_w, plan.ks).items():
+        out[f"iwae_{k}"] = bound
+    guide_log_lik = log_lik
+    if guide_q is not None:
+        guide_log_w = log_w
+        if plan.proposal == "prior":
+            guide_log_w = log_importance_weights(
+                vae, xb, k_total, proposal=guide_q, chunk_size=chunk
+            )
+            guide_log_lik = log_mean_exp(guide_log_w)
+            out["guide_log_likelihood"] = guide_log_lik
+            out["guide_ess"] = effective_sample_size(guide_log_w)
+            out["guide_khat"] = pareto_khat(guide_log_w)
+        out["elbo"] = guide_log_w.mean(0)
+    if plan.gaps:
+        assert guide_q is not None
+        loc, scale = diagonal_normal_parameters(guide_q)
+        refined = refine_posterior(vae, xb, loc, scale, **plan.refine_options)
+        refined_elbo = log_importance_weights(
+            vae, xb, k_total, proposal=refined.distribution(), chunk_size=chunk
+        ).mean(0)
+        out["refined_elbo"] = refined_elbo
+        out["approximation_gap"] = guide_log_lik - refined_elbo
+        out["amortization_gap"] = refined_elbo - out["elbo"]
+        out["refine_steps"] = np.full(len(xb), refined.steps)
+    if plan.exact is not None:
+        out["exact_log_likelihood"] = plan.exact.log_likelihood(xb)
+    return out
 
 
 def _khat_summary(khat: np.ndarray) -> tuple[float | None, float | None, float | None]:
@@ -724,61 +751,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return _finite_or_none(value)
     return value
-
-
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"--iwae-k {text!r}: expected a comma-separated list of integers, e.g. 1,10,100"
-        ) from None
-    if not ks:
-        raise ConfigError("--iwae-k: expected at least one K, e.g. 1,10,100")
-    return ks
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``pyro-vae evaluate``."""
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
-    p.add_argument("--split", default="test", help="test, valid or train (default test)")
-    p.add_argument(
-        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
-    )
-    p.add_argument(
-        "--iwae-k", metavar="K1,K2,...", help="IWAE bounds to report (default 1,10,100,1000,5000)"
-    )
-    p.add_argument("--proposal", choices=PROPOSALS, default="guide")
-    p.add_argument(
-        "--gaps", action="store_true", help="approximation and amortization gaps (slower)"
-    )
-    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
-    p.add_argument("--batch-size", type=int, metavar="B", help="data per batch (default 100)")
-    p.add_argument(
-        "--chunk-size", type=int, metavar="S", help="samples per decoder call (default 4096)"
-    )
-    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Run ``pyro-vae evaluate``: print the table, write the two files."""
-    result = evaluate_run(
-        args.run_dir,
-        split=args.split,
-        num_samples=args.num_samples,
-        iwae_k=None if args.iwae_k is None else _parse_ks(args.iwae_k),
-        proposal=args.proposal,
-        gaps=args.gaps,
-        max_data=args.max_data,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    if not args.quiet:
-        print(result.table())
-    print(f"wrote {Path(args.run_dir) / EVALUATION_FILE} and {PER_DATUM_FILE}")
-    return 0

@@ -16,7 +16,6 @@ CLI; matplotlib is imported only when they run.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -740,63 +739,30 @@ def write_report(
 # --- CLI: report and sample ------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def write_samples(
+    run_dir: str | os.PathLike[str],
+    num: int = 64,
+    out: str | os.PathLike[str] | None = None,
+    nrow: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Decode ``num`` prior samples of a run into one PNG grid; returns its path.
 
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``pyro-vae report``."""
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
-    p.add_argument("--out", metavar="FILE.html", help="output file (default RUN_DIR/report.html)")
-    p.add_argument(
-        "--compare",
-        metavar="OTHER_RUN",
-        help="another run on the same data to draw beside this one (e.g. an autoencoder)",
-    )
-    p.add_argument("--split", help="data split for the figures (default: the evaluated one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples and data shown")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """Write the report; print where it is."""
-    path = write_report(
-        args.run_dir, args.out, compare=args.compare, split=args.split, seed=args.seed
-    )
-    print(f"report written to {path}; open it in a browser (it works offline)")
-    return 0
-
-
-def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``pyro-vae sample``."""
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
-    p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of samples")
-    p.add_argument("--out", metavar="FILE.png", help="output PNG (default RUN_DIR/samples.png)")
-    p.add_argument("--nrow", type=_positive_int, help="images per row (default about sqrt(n))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    """Decode ``n`` prior samples of a run into one PNG grid."""
+    Raises:
+        DataError: the run's data are not images.
+    """
     import torch
 
     from . import plots
 
     with torch.random.fork_rng(devices=[]):  # building the model draws initial weights
-        vae = load(args.run_dir)
+        vae = load(run_dir)
     if not plots.is_image_shape(vae.event_shape):
         raise DataError(
             f"the run's data are not images (datum shape {tuple(vae.event_shape)}); "
             "sample writes image grids for data of shape (H, W) or (C, H, W)"
         )
-    images = plots.sample_prior_images(vae, args.num, args.seed)
-    nrow = args.nrow or math.ceil(math.sqrt(args.num))
-    out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
-    plots.save_image_grid(images, out, nrow)
-    print(f"{args.num} samples written to {out}")
-    return 0
+    images = plots.sample_prior_images(vae, num, seed)
+    path = Path(out) if out else Path(run_dir) / "samples.png"
+    plots.save_image_grid(images, path, nrow or math.ceil(math.sqrt(num)))
+    return path
