@@ -1,7 +1,9 @@
 """Pyro overhead: the SVI training step against a hand-written PyTorch step.
 
-Both steps use the same 784-400-D MLP encoder/decoder (copies of one model),
-the same analytic-KL negative ELBO scaled to the full data set, and Adam.
+All steps use the same 784-400-D MLP encoder/decoder (copies of one model),
+the same analytic-KL negative ELBO scaled to the full data set, and Adam:
+``pyro`` is the trainer's step strategy (:class:`pyro_vae.train.SVIStep`),
+``pyro-svi`` is Pyro's own ``SVI(vae.model, vae.guide, pyro.optim.Adam, ...)``.
 Steps are interleaved (one of each in turn) so that the shared, noisy machine
 slows both alike; we report the median step time of each and the ratio of
 medians, with the interquartile range of the per-pair ratios.
@@ -20,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pyro
+import pyro.infer
+import pyro.optim
 import torch
 import torch.nn.functional as F
 
 import pyro_vae
-from pyro_vae.train import svi_step
+from pyro_vae.train import SVIStep
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "binarized_mnist.npz"
 
@@ -72,23 +76,34 @@ def bench(batch: int, steps: int, device: str, latent_dim: int, data: torch.Tens
     ref_vae = make_vae(latent_dim, device)
     pyro_vae_ = copy.deepcopy(ref_vae)
     nov_vae = copy.deepcopy(ref_vae)
+    svi_vae = copy.deepcopy(ref_vae)
     opt_ref = torch.optim.Adam(ref_vae.parameters(), lr=1e-3)
-    opt_pyro = torch.optim.Adam(pyro_vae_.parameters(), lr=1e-3)
-    opt_nov = torch.optim.Adam(nov_vae.parameters(), lr=1e-3)
     objective = pyro_vae.OBJECTIVES.build("meanfield", {}, "train")
+    step_pyro = SVIStep(pyro_vae_, objective, lr=1e-3)
+    step_nov = SVIStep(nov_vae, objective, lr=1e-3)
+    svi = pyro.infer.SVI(svi_vae.model, svi_vae.guide, pyro.optim.Adam({"lr": 1e-3}), objective)
     g = torch.Generator().manual_seed(0)
 
     def pyro_default(x, idx):
-        return svi_step(pyro_vae_, objective, opt_pyro, x, idx, n)
+        return step_pyro.step(x, idx, n, 1.0)
 
     def pyro_no_validation(x, idx):
         with pyro.validation_enabled(False):
-            return svi_step(nov_vae, objective, opt_nov, x, idx, n)
+            return step_nov.step(x, idx, n, 1.0)
+
+    def pyro_svi(x, idx):
+        with pyro.validation_enabled(False):
+            return svi.step(x, idx, n)
 
     def reference(x, idx):
         return torch_step(ref_vae, opt_ref, x, n)
 
-    runners = {"torch": reference, "pyro": pyro_default, "pyro-novalidate": pyro_no_validation}
+    runners = {
+        "torch": reference,
+        "pyro": pyro_default,
+        "pyro-novalidate": pyro_no_validation,
+        "pyro-svi": pyro_svi,
+    }
     times = {k: [] for k in runners}
     for i in range(steps + 10):
         idx = torch.randint(0, n, (batch,), generator=g).to(device)
@@ -106,13 +121,16 @@ def bench(batch: int, steps: int, device: str, latent_dim: int, data: torch.Tens
     out = {"batch": batch}
     ref = np.array(times["torch"])
     out["torch_ms"] = 1000 * statistics.median(ref)
-    for name in ("pyro", "pyro-novalidate"):
+    for name in NAMES:
         t = np.array(times[name])
         ratios = t / ref
         out[f"{name}_ms"] = 1000 * statistics.median(t)
         out[f"{name}_ratio"] = statistics.median(t) / statistics.median(ref)
         out[f"{name}_ratio_iqr"] = tuple(np.percentile(ratios, [25, 75]))
     return out
+
+
+NAMES = ("pyro", "pyro-novalidate", "pyro-svi")
 
 
 def main() -> None:
@@ -134,7 +152,7 @@ def main() -> None:
     print(f"{'batch':>6} {'torch ms':>9} {'setup':>16} {'ms':>8} {'ratio':>6}  per-step IQR")
     for batch in args.batch_sizes:
         r = bench(batch, args.steps, args.device, args.latent_dim, data)
-        for name in ("pyro", "pyro-novalidate"):
+        for name in NAMES:
             lo, hi = r[f"{name}_ratio_iqr"]
             print(
                 f"{batch:>6} {r['torch_ms']:>9.2f} {name:>16} {r[f'{name}_ms']:>8.2f} "
