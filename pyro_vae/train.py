@@ -59,7 +59,7 @@ from .checkpoint import (
     save_checkpoint,
     write_metrics,
 )
-from .config import ComponentConfig, Config, TrainConfig
+from .config import ComponentConfig, Config, ModelConfig, TrainConfig
 from .data import IN_MEMORY, Dataset, PreparedData, check_fits, load_dataset, prepare
 from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -615,6 +615,13 @@ def fit(
         NonFiniteLossError: the loss became NaN or infinite.
         TrainingInterrupted: Ctrl-C; a checkpoint was saved first.
     """
+    hooks: dict[str, Any] = {
+        "progress": progress,
+        "log": log,
+        "on_step": on_step,
+        "callbacks": callbacks,
+        "evaluate_splits": evaluate_splits,
+    }
     if isinstance(model, Config):
         if config is not None:
             raise ConfigError("fit(config, ...): pass the config once, as the first argument")
@@ -622,28 +629,19 @@ def fit(
             data, out_dir = None, data  # fit(config, out_dir)
         if data is not None:
             raise ConfigError("fit(config, ...) loads its data from [data]; pass a VAE to fit data")
-        return _fit_config(
-            model, out_dir, progress, log, on_step, callbacks, initialize, evaluate_splits
-        )
+        return _fit_config(model, out_dir, initialize, hooks)
     if not isinstance(model, VAE):
         raise ConfigError(f"fit: expected a Config or a VAE, got {type(model).__name__}")
     if data is None:
         raise ConfigError("fit(vae, data): data missing (a tensor, a dict of splits or a Dataset)")
-    return _fit_vae(
-        model, data, out_dir, config or Config(), progress, log, on_step, callbacks,
-        evaluate_splits,
-    )  # fmt: skip
+    return _fit_vae(model, data, out_dir, config or Config(), hooks)
 
 
 def _fit_config(
     config: Config,
     out_dir: str | os.PathLike[str] | None,
-    progress: bool,
-    log: Callable[[str], None] | None,
-    on_step: StepCallback | None,
-    callbacks: Sequence[Callback],
     initialize: Callable[[VAE], None] | None,
-    evaluate_splits: Sequence[str] | None,
+    hooks: dict[str, Any],
 ) -> TrainResult:
     _check_out_dir(out_dir)
     cfg = resolve(config)
@@ -658,11 +656,7 @@ def _fit_config(
         vae = build_vae(cfg.model, data.event_shape, num_data=len(data.train)).to(device)
         if initialize is not None:
             initialize(vae)
-        trainer = Trainer(
-            cfg, vae, data, out_dir, None, progress=progress, log=log, on_step=on_step,
-            callbacks=callbacks, evaluate_splits=evaluate_splits,
-        )  # fmt: skip
-        return trainer.run()
+        return Trainer(cfg, vae, data, out_dir, None, **hooks).run()
 
 
 def _fit_vae(
@@ -670,11 +664,7 @@ def _fit_vae(
     data: Any,
     out_dir: str | os.PathLike[str] | None,
     config: Config,
-    progress: bool,
-    log: Callable[[str], None] | None,
-    on_step: StepCallback | None,
-    callbacks: Sequence[Callback],
-    evaluate_splits: Sequence[str] | None,
+    hooks: dict[str, Any],
 ) -> TrainResult:
     _check_out_dir(out_dir)
     dataset = _as_dataset(data)
@@ -684,6 +674,12 @@ def _fit_vae(
     for split, x in prepared.splits.items():
         check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, f"data {split}")
     model_config = vae.describe(num_data=len(prepared.train))
+    if out_dir is not None and not _rebuilds(model_config, vae, len(prepared.train)):
+        raise ConfigError(
+            "fit(vae, data, out_dir): a component of this VAE cannot describe itself as a "
+            "config (register its class, and its networks'), so the run could not be loaded; "
+            "train without out_dir or use registered components"
+        )
     cfg = Config(
         data=dataclasses.replace(config.data, name=IN_MEMORY, binarize=prepared.binarize),
         model=model_config if model_config is not None else config.model,
@@ -691,21 +687,24 @@ def _fit_vae(
         eval=config.eval,
         plugins=config.plugins,
     )
-    if out_dir is not None and model_config is None:
-        raise ConfigError(
-            "fit(vae, data, out_dir): a component of this VAE cannot describe itself as a "
-            "config (register its class, and its networks'), so the run could not be loaded; "
-            "train without out_dir or use registered components"
-        )
     method = _method(cfg)
     method.check(cfg)
     with _run_context(cfg):
         torch.manual_seed(cfg.train.seed)
-        trainer = Trainer(
-            cfg, vae, prepared, out_dir, None, progress=progress, log=log, on_step=on_step,
-            callbacks=callbacks, evaluate_splits=evaluate_splits,
-        )  # fmt: skip
-        return trainer.run()
+        return Trainer(cfg, vae, prepared, out_dir, None, **hooks).run()
+
+
+def _rebuilds(model: ModelConfig | None, vae: VAE, num_data: int) -> bool:
+    """Whether ``model`` builds a VAE with ``vae``'s parameter names and shapes."""
+    if model is None:
+        return False
+    try:
+        with torch.random.fork_rng(devices=[]):
+            rebuilt = build_vae(resolve(Config(model=model)).model, vae.event_shape, num_data)
+    except ConfigError:
+        return False
+    mine, theirs = vae.state_dict(), rebuilt.state_dict()
+    return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
 
 
 def resume(
