@@ -15,12 +15,11 @@ from . import likelihoods as _likelihoods  # noqa: F401
 from . import objectives as _objectives  # noqa: F401
 from . import priors as _priors  # noqa: F401
 from .config import ComponentConfig, Config, ModelConfig, TrainConfig
-from .data import IN_MEMORY
+from .data import check_dataset_name
 from .errors import ConfigError
 from .model import VAE
 from .nets import BuildContext
 from .registry import (
-    DATASETS,
     GUIDES,
     LIKELIHOODS,
     METHODS,
@@ -57,8 +56,7 @@ def resolve(config: Config) -> Config:
     OBJECTIVES.resolve(config.train.elbo, objective_options(config.train), "train")
     METHODS.get(config.train.method)
     METHODS.resolve(config.train.method, method_options(config.train), "train")
-    if not (config.data.name.startswith("npz:") or config.data.name == IN_MEMORY):
-        DATASETS.get(config.data.name)
+    check_dataset_name(config.data.name)
     model = dataclasses.replace(config.model, **resolved)
     return dataclasses.replace(config, model=model)
 

@@ -112,7 +112,9 @@ def _run_train(args: argparse.Namespace) -> int:
         config = config.override(overrides)
         if args.plugin:
             config = dataclasses.replace(config, plugins=(*config.plugins, *args.plugin))
-        name = config.data.name.removeprefix("npz:").replace("/", "_")
+        from .data import dataset_slug
+
+        name = dataset_slug(config.data.name)
         out = (
             Path(args.out)
             if args.out

@@ -46,6 +46,8 @@ BINARIZED_MNIST_URL = (
     "binarized_mnist_{split}.amat"
 )
 SPLIT_ORDER = ("train", "valid", "test")
+#: The prefix of a user's array file as a dataset name, ``npz:PATH``.
+NPZ_PREFIX = "npz:"
 #: ``data.name`` of a run that :func:`pyro_vae.fit` trained on in-memory tensors.
 IN_MEMORY = "tensor"
 
@@ -99,8 +101,8 @@ def load_dataset(
             "this run was trained on in-memory data (pyro_vae.fit(vae, data)), which is not "
             "on disk; evaluate it from Python with the same tensors"
         )
-    if name.startswith("npz:"):
-        dataset = load_npz(Path(name[4:]).expanduser())
+    if name.startswith(NPZ_PREFIX):
+        dataset = load_npz(Path(name.removeprefix(NPZ_PREFIX)).expanduser())
     else:
         dataset = DATASETS.get(name)(data_dir=folder, download=download)
     for split, x in dataset.splits.items():
@@ -110,9 +112,23 @@ def load_dataset(
     return dataset
 
 
+def check_dataset_name(name: str) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``name`` can name a dataset.
+
+    Registered names, ``npz:PATH`` and the in-memory data of ``fit(vae, data)``.
+    """
+    if not (name.startswith(NPZ_PREFIX) or name == IN_MEMORY):
+        DATASETS.get(name)
+
+
+def dataset_slug(name: str) -> str:
+    """A file-name-safe form of a dataset name (``npz:data/x.npz`` -> ``data_x.npz``)."""
+    return name.removeprefix(NPZ_PREFIX).replace("/", "_")
+
+
 def dataset_names() -> list[str]:
     """Every dataset name, ``npz:PATH`` included."""
-    return [*DATASETS.names(), "npz:PATH"]
+    return [*DATASETS.names(), f"{NPZ_PREFIX}PATH"]
 
 
 @DATASETS.register("digits")
