@@ -278,7 +278,7 @@ def _add_list(p: argparse.ArgumentParser) -> None:
 def _run_list(args: argparse.Namespace) -> int:
     from .data import dataset_names
     from .nets import ACTIVATIONS
-    from .registry import GUIDES, LIKELIHOODS, NETWORKS, OBJECTIVES, PRIORS
+    from .registry import GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
 
     sections = {
         "datasets": dataset_names(),
@@ -288,6 +288,7 @@ def _run_list(args: argparse.Namespace) -> int:
         "networks": NETWORKS.names(),
         "activations": list(ACTIVATIONS),
         "objectives": OBJECTIVES.names(),
+        "methods": METHODS.names(),
     }
     for title, names in sections.items():
         print(f"{title}: {', '.join(names)}")
@@ -299,7 +300,12 @@ COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "train": ("train a VAE by SVI", _add_train, _run_train),
-    "list": ("list datasets, priors, guides, likelihoods and objectives", _add_list, _run_list),
+    "list": (
+        "list datasets, priors, guides, likelihoods, networks, activations, objectives and "
+        "training methods",
+        _add_list,
+        _run_list,
+    ),
     "evaluate": (
         "log p(x) by importance sampling, IWAE bounds, ESS, k-hat and gaps",
         add_evaluate_arguments,

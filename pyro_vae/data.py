@@ -383,7 +383,8 @@ def check_unit_interval(x: torch.Tensor, where: str) -> None:
     if lo < 0 or hi > 1:
         raise DataError(
             f"{where}: values in [{lo:g}, {hi:g}] cannot be binarized (they must lie in [0, 1]); "
-            "rescale the data or use --binarize none"
+            "rescale the data, or use --binarize none with a likelihood for real values "
+            "(e.g. --likelihood normal)"
         )
 
 

@@ -175,7 +175,7 @@ def test_every_registered_name_is_listed(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for registry in (PRIORS, GUIDES, LIKELIHOODS, NETWORKS, pyro_vae.OBJECTIVES):
+    for registry in (PRIORS, GUIDES, LIKELIHOODS, NETWORKS, pyro_vae.OBJECTIVES, pyro_vae.METHODS):
         for name in registry.names():
             assert name in out
 
