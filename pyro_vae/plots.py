@@ -192,7 +192,8 @@ def plot_elbo(history: Sequence[Mapping[str, Any]]) -> Figure:
     """Train and test (and validation) ELBO per datum over epochs.
 
     The train ELBO is the running average over the epoch's minibatches; the
-    test ELBO is measured after the epoch. A train curve well above the test
+    test ELBO is measured after the epoch (for a per-datum guide, which has no
+    q for unseen data, the ELBO of the whole training set is). A train curve well above the test
     curve means overfitting.
 
     Args:
@@ -204,7 +205,13 @@ def plot_elbo(history: Sequence[Mapping[str, Any]]) -> Figure:
     _require_history(history)
     fig = _figure(6, 3.6)
     ax = fig.add_subplot()
-    for key, label in (("train_elbo", "train"), ("test_elbo", "test"), ("valid_elbo", "valid")):
+    series = (
+        ("train_elbo", "train"),
+        ("train_set_elbo", "whole training set"),  # runs whose guide is per-datum (EM)
+        ("test_elbo", "test"),
+        ("valid_elbo", "valid"),
+    )
+    for key, label in series:
         epochs, values = _series(history, key)
         if values:
             ax.plot(epochs, values, "o-", markersize=3, label=label)
