@@ -27,6 +27,10 @@ class CheckpointError(UserError):
     """A run directory or checkpoint that is missing, unreadable or mismatched."""
 
 
+class RunInUseError(UserError):
+    """Another process is writing to the run directory (it holds the directory's lock)."""
+
+
 class NonFiniteLossError(PyroVAEError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 

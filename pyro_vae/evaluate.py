@@ -53,6 +53,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from .data import check_fits
 from .elbo import fit_local_posterior, refine_posterior
 from .errors import ConfigError, NonFiniteLossError, UserError
 from .exact import linear_gaussian
+from .files import atomic_write_bytes, run_lock
 from .model import DATA_PLATE, LATENT_SITE, VAE
 from .objectives import IWAE_ELBO
 
@@ -690,14 +692,39 @@ def evaluate_run(
         DataError: a split the dataset lacks, or data that do not fit the model.
         ConfigError, UserError: as :func:`evaluate`.
     """
-    from .build import resolve
-    from .checkpoint import CONFIG_FILE, atomic_write_bytes, load
-    from .config import Config
-    from .errors import DataError
-    from .train import load_data, resolve_device
+    from .checkpoint import load
+    from .train import resolve_device
 
     run_dir = Path(run_dir)
-    vae = load(run_dir, device=str(resolve_device(device)))
+    vae = load(run_dir, device=str(resolve_device(device)))  # a readable run, before the lock
+    with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
+        return _evaluate_run(
+            vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
+            batch_size, chunk_size, seed, progress, write,
+        )  # fmt: skip
+
+
+def _evaluate_run(
+    vae: VAE,
+    run_dir: Path,
+    split: str,
+    num_samples: int | None,
+    iwae_k: Sequence[int] | None,
+    proposal: str,
+    gaps: bool,
+    max_data: int | None,
+    batch_size: int | None,
+    chunk_size: int | None,
+    seed: int | None,
+    progress: bool,
+    write: bool,
+) -> Evaluation:
+    from .build import resolve
+    from .checkpoint import CONFIG_FILE
+    from .config import Config
+    from .errors import DataError
+    from .train import load_data
+
     config = resolve(Config.load(run_dir / CONFIG_FILE))
     cfg = config.eval
     num_samples = cfg.num_samples if num_samples is None else num_samples

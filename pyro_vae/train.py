@@ -37,7 +37,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,6 +63,7 @@ from .config import ComponentConfig, Config, ModelConfig, TrainConfig
 from .data import IN_MEMORY, Dataset, PreparedData, check_fits, load_dataset, prepare
 from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from .files import run_lock
 from .model import VAE
 from .objectives import kl_estimator, kl_weight
 from .registry import LIKELIHOODS, METHODS
@@ -637,17 +638,24 @@ def fit(
     return _fit_vae(model, data, out_dir, config or Config(), hooks)
 
 
+def _writer_lock(out_dir: str | os.PathLike[str] | None) -> AbstractContextManager[Any]:
+    """The run directory's lock (:func:`~pyro_vae.files.run_lock`), held by the writing rank."""
+    if out_dir is None or not distributed.is_main():
+        return nullcontext()
+    return run_lock(out_dir)
+
+
 def _fit_config(
     config: Config,
     out_dir: str | os.PathLike[str] | None,
     initialize: Callable[[VAE], None] | None,
     hooks: dict[str, Any],
 ) -> TrainResult:
-    _check_out_dir(out_dir)
     cfg = resolve(config)
     method = _method(cfg)
     method.check(cfg)
-    with _run_context(cfg) as device:
+    with _writer_lock(out_dir), _run_context(cfg) as device:
+        _check_out_dir(out_dir)
         torch.manual_seed(cfg.train.seed)
         with distributed.main_first():  # [distributed] rank 0 downloads first
             cfg = resolve(method.configure(cfg))
@@ -666,7 +674,6 @@ def _fit_vae(
     config: Config,
     hooks: dict[str, Any],
 ) -> TrainResult:
-    _check_out_dir(out_dir)
     dataset = _as_dataset(data)
     support = vae.likelihood.support
     binarize = config.data.binarize if config.data.binarize != "auto" else "none"
@@ -689,7 +696,8 @@ def _fit_vae(
     )
     method = _method(cfg)
     method.check(cfg)
-    with _run_context(cfg):
+    with _writer_lock(out_dir), _run_context(cfg):
+        _check_out_dir(out_dir)
         torch.manual_seed(cfg.train.seed)
         return Trainer(cfg, vae, prepared, out_dir, None, **hooks).run()
 
@@ -728,9 +736,25 @@ def resume(
         on_step: Called after every optimizer step.
         callbacks: Objects with ``on_epoch_end(record, vae)``.
     """
-    from .checkpoint import read_run_config, upgrade_state
+    from .checkpoint import read_run_config
 
     out_dir = Path(out_dir)
+    read_run_config(out_dir)  # a run directory at all, before anything is locked or created
+    with _writer_lock(out_dir):
+        return _resume(out_dir, epochs, device, progress, log, on_step, callbacks)
+
+
+def _resume(
+    out_dir: Path,
+    epochs: int | None,
+    device: str | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    on_step: StepCallback | None,
+    callbacks: Sequence[Callback],
+) -> TrainResult:
+    from .checkpoint import read_run_config, upgrade_state
+
     config = read_run_config(out_dir)
     changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

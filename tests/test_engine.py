@@ -343,3 +343,77 @@ def test_the_shared_binarized_mnist_run_resumes(tmp_path, shared_datasets):
         pyro_vae.resume(run, epochs=done + 5, on_step=stop_soon)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["format"] == 2 and state["step"] == 3 and "strategy" in state
+
+
+# --- one writer per run directory ----------------------------------------------------
+
+HOLDER = """
+import sys, time
+from pyro_vae.files import run_lock
+
+with run_lock(sys.argv[1]):
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_directory_has_one_writer_and_a_killed_holder_releases_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        tiny = ["--epochs", "1", "--latent-dim", "2", "--quiet", "--out", str(out)]
+        assert main(["train", *tiny]) == 2
+        err = capsys.readouterr().err
+        assert f"process {holder.pid}" in err and len(err.strip().splitlines()) == 1, err
+        assert list(out.iterdir()) == []  # refused before anything was written
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    assert main(["train", *tiny]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.toml",
+        "metrics.jsonl",
+    ]
+    capsys.readouterr()
+    with pyro_vae.files.run_lock(out):  # evaluate's writes wait for no one: refused at once
+        assert main(["evaluate", str(out), "--num-samples", "4", "--max-data", "2"]) == 2
+    assert "is in use" in capsys.readouterr().err
+    assert not (out / "evaluation.json").exists()
+
+
+def test_two_trainings_started_together_on_one_out(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--epochs", "2", "--latent-dim", "2", "--quiet", "--out", "run"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pyro_vae", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    codes = sorted(r.wait(timeout=300) for r in runs)
+    errors = [r.stderr.read() for r in runs]
+    assert codes == [0, 2], errors
+    refusal = next(e for e in errors if e.strip())
+    assert len(refusal.strip().splitlines()) == 1
+    assert "in use" in refusal or "already holds a run" in refusal
+    assert len(pyro_vae.load(tmp_path / "run").state_dict()) > 0
+    assert len(pyro_vae.read_metrics(tmp_path / "run")) == 2
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", "--epochs", "1", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert "a file is in the way" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--epochs", "1", "--out", str(blocker / "below")]) == 2
+    assert blocker.read_text() == "not a directory"
