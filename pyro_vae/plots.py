@@ -25,9 +25,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +35,17 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from . import elbo
+from .diagnostics import (  # computed there, drawn here; re-exported for plots.X callers
+    ACTIVE_UNIT_THRESHOLD,
+    posterior_mean,
+    seeded,
+)
+from .diagnostics import ActiveUnits as ActiveUnits
+from .diagnostics import active_units as active_units
+from .diagnostics import mean_kl_per_dim as mean_kl_per_dim
 from .errors import DataError
 from .model import VAE
 
-#: Burda et al. (2016): dimension d is active when Cov_x(E_q[z_d]) exceeds this.
-ACTIVE_UNIT_THRESHOLD = 0.01
 #: k̂ above this marks an importance-sampling estimate as unreliable (Vehtari et al.).
 KHAT_THRESHOLD = 0.7
 
@@ -61,14 +64,6 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Draw from a fixed seed without touching the caller's CPU RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def is_image_shape(event_shape: Sequence[int]) -> bool:
     """Whether a datum of this shape is an image: ``(H, W)`` or ``(C, H, W)``, C in {1, 3}."""
     shape = tuple(event_shape)
@@ -80,14 +75,6 @@ def _require_images(event_shape: Sequence[int]) -> None:
         raise DataError(
             f"datum shape {tuple(event_shape)} is not an image; image figures need data "
             "of shape (H, W) or (C, H, W) with C = 1 or 3"
-        )
-
-
-def _require_amortized(vae: VAE) -> None:
-    if not vae.posterior.is_amortized:
-        raise DataError(
-            "the guide is not amortized (it has parameters per training datum), so it has "
-            "no posterior for new data; latent figures need an amortized guide"
         )
 
 
@@ -126,30 +113,6 @@ def _show_grid(ax: Axes, grid: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def posterior_mean(
-    vae: VAE, x: torch.Tensor, batch_size: int = 1024, num_samples: int = 64, seed: int = 0
-) -> torch.Tensor:
-    """The posterior means :math:`\\mathbb E_{q(z|x_n)}[z]`, shape ``(N, D)``.
-
-    Closed form where the guide's distribution has a ``mean``; otherwise
-    (e.g. a flow) the average of ``num_samples`` draws.
-
-    Raises:
-        DataError: the guide is not amortized (no posterior for new data).
-    """
-    _require_amortized(vae)
-    means = []
-    with _seeded(seed):
-        for start in range(0, len(x), batch_size):
-            q = vae.posterior(x[start : start + batch_size])
-            try:
-                means.append(q.mean)
-            except NotImplementedError:
-                means.append(q.rsample((num_samples,)).mean(0))
-    return torch.cat(means)
-
-
-@torch.no_grad()
 def decode_mean(vae: VAE, z: torch.Tensor) -> torch.Tensor:
     """The decoded images :math:`\\mathbb E_{p(x|z)}[x]`, shape ``z.shape[:-1] + event_shape``."""
     return vae.likelihood(z).mean
@@ -158,7 +121,7 @@ def decode_mean(vae: VAE, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_prior_images(vae: VAE, n: int = 64, seed: int = 0) -> torch.Tensor:
     """Decode ``n`` draws :math:`z \\sim p(z)` to the means of :math:`p(x|z)`, ``(n, *event)``."""
-    with _seeded(seed):
+    with seeded(seed):
         z = vae.prior().sample((n,))
     return decode_mean(vae, z)
 
@@ -385,7 +348,7 @@ def _prior_quantiles(vae: VAE, u: torch.Tensor, seed: int) -> torch.Tensor:
             return base.icdf(levels)
         except (NotImplementedError, AttributeError, ValueError, RuntimeError):
             pass
-    with _seeded(seed):
+    with seeded(seed):
         draws = prior.sample((20000,))
     return torch.quantile(draws, u, dim=0)
 
@@ -572,62 +535,6 @@ def compare_runs(
 
 
 # --- posterior collapse -----------------------------------------------------------
-
-
-@dataclass
-class ActiveUnits:
-    """Activity of each latent dimension (Burda et al. 2016, "Importance Weighted Autoencoders").
-
-    .. math::
-
-        A_d = \\mathrm{Cov}_x\\big(\\mathbb E_{q(z|x)}[z_d]\\big),
-        \\qquad d \\text{ is active} \\iff A_d > \\text{threshold}.
-
-    Args:
-        activity: :math:`A_d`, shape ``(D,)``.
-        threshold: The activity threshold (0.01 in Burda et al.).
-    """
-
-    activity: torch.Tensor
-    threshold: float = ACTIVE_UNIT_THRESHOLD
-
-    @property
-    def active(self) -> torch.Tensor:
-        """Boolean mask ``(D,)`` of the active dimensions."""
-        return self.activity > self.threshold
-
-    @property
-    def count(self) -> int:
-        """How many dimensions are active."""
-        return int(self.active.sum())
-
-
-def active_units(
-    vae: VAE, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
-) -> ActiveUnits:
-    """The activity of every latent dimension on data ``x`` ``(N, *event_shape)``.
-
-    :math:`A_d` is the variance over the data of the posterior mean of
-    :math:`z_d` (the unbiased sample variance, N - 1 in the denominator). A
-    dimension the decoder ignores has a posterior equal to the prior whatever
-    x is, so its mean does not vary: :math:`A_d \\approx 0`.
-
-    Reference: Burda, Grosse & Salakhutdinov (2016), "Importance Weighted
-    Autoencoders", section 5.2.
-    """
-    if len(x) < 2:
-        raise DataError("active units need at least 2 data")
-    return ActiveUnits(posterior_mean(vae, x).var(dim=0), threshold)
-
-
-def mean_kl_per_dim(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """:func:`pyro_vae.elbo.mean_kl_per_dim` for new data ``x`` (an amortized guide), ``(D,)``.
-
-    Raises:
-        DataError: the guide is not amortized, or the KL does not factorize.
-    """
-    _require_amortized(vae)
-    return elbo.mean_kl_per_dim(vae, x, batch_size)
 
 
 def plot_kl_per_dim(

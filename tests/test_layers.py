@@ -31,7 +31,7 @@ LAYERS = [
     ["distributed"],
     ["train"],
     ["em"],
-    ["evaluate"],
+    ["evaluate", "diagnostics"],
     ["plots"],
     ["report", "course"],
     ["cli"],
