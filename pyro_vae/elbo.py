@@ -181,9 +181,20 @@ class RowAdam:
         self.steps = torch.zeros(self.params[0].shape[0], device=self.params[0].device)
 
     @torch.no_grad()
-    def step(self, index: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        """One Adam step on the rows ``index`` (unique) with their gradients ``grads[j][b]``."""
+    def step(self, index: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> None:
+        """One Adam step on the rows ``index`` (unique; ``None``: every row, in order)."""
         beta1, beta2 = self.betas
+        if index is None:  # every row: the same arithmetic without gathering and scattering
+            self.steps += 1
+            t = self.steps
+            for p, m, v, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True):
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                m.copy_(beta1 * m + (1 - beta1) * g)
+                v.copy_(beta2 * v + (1 - beta2) * g * g)
+                m_hat = m / (1 - beta1 ** t.view(shape))
+                v_hat = v / (1 - beta2 ** t.view(shape))
+                p -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            return
         self.steps[index] += 1
         t = self.steps[index]
         for p, m, v, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True):
@@ -212,7 +223,7 @@ class RowAdam:
 def refine_step(
     vae: VAE,
     x: torch.Tensor,
-    index: torch.Tensor,
+    index: torch.Tensor | None,
     loc: torch.Tensor,
     log_scale: torch.Tensor,
     optimizer: RowAdam,
@@ -231,7 +242,7 @@ def refine_step(
     Args:
         vae: The model.
         x: Data ``(B, *event_shape)``; ``x[b]`` belongs to row ``index[b]``.
-        index: Rows ``(B,)``, unique.
+        index: Rows ``(B,)``, unique; ``None``: every row (``N = B``).
         loc: :math:`\mu`, ``(N, D)``, a leaf that requires grad.
         log_scale: :math:`\log\sigma`, ``(N, D)``, likewise.
         optimizer: A :class:`RowAdam` over ``[loc, log_scale]``.
@@ -242,11 +253,12 @@ def refine_step(
         The per-datum objective before the step, ``(B,)`` (detached).
     """
     with torch.enable_grad():
-        q = dist.Normal(loc[index], log_scale[index].exp()).to_event(1)
+        rows = (loc, log_scale) if index is None else (loc[index], log_scale[index])
+        q = dist.Normal(rows[0], rows[1].exp()).to_event(1)
         terms = elbo_terms(vae, x, q=q, num_particles=num_particles)
         objective = terms.reconstruction - kl_scale * terms.kl
         grads = torch.autograd.grad(-objective.sum(), [loc, log_scale])
-    optimizer.step(index, [g[index] for g in grads])
+    optimizer.step(index, grads if index is None else [g[index] for g in grads])
     return objective.detach()
 
 
@@ -311,11 +323,10 @@ def refine_posterior(
     loc = loc.detach().clone().requires_grad_(True)
     log_scale = scale.detach().log().clone().requires_grad_(True)
     optimizer = RowAdam([loc, log_scale], lr=lr)
-    index = torch.arange(len(x), device=x.device)
     history: list[float] = []
     steps = 0
     for steps in range(1, max_steps + 1):  # noqa: B007  (steps is returned)
-        elbo = refine_step(vae, x, index, loc, log_scale, optimizer, num_particles=num_particles)
+        elbo = refine_step(vae, x, None, loc, log_scale, optimizer, num_particles=num_particles)
         history.append(float(elbo.mean()))
         if steps >= 2 * window and steps % window == 0:
             gain = np.mean(history[-window:]) - np.mean(history[-2 * window : -window])

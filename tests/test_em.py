@@ -237,3 +237,15 @@ def test_a_variational_em_run_of_version_0_1_loads_evaluates_and_explains_why_no
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_row_adam_on_every_row_equals_row_adam_on_an_index_of_every_row():
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(5, 3, generator=g)
+    a, b = start.clone(), start.clone()
+    all_rows, by_index = RowAdam([a], lr=0.1), RowAdam([b], lr=0.1)
+    for _ in range(4):
+        grad = torch.randn(5, 3, generator=g)
+        all_rows.step(None, [grad])
+        by_index.step(torch.arange(5), [grad])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
