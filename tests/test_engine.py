@@ -387,7 +387,9 @@ def test_a_run_directory_has_one_writer_and_a_killed_holder_releases_it(tmp_path
 
 def test_two_trainings_started_together_on_one_out(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["train", "--epochs", "2", "--latent-dim", "2", "--quiet", "--out", "run"]
+    args = ["train", "--epochs", "2", "--latent-dim", "2", "--batch-size", "500", "--quiet"]
+    args += ["--set", "model.encoder.hidden=[16]", "--set", "model.decoder.hidden=[16]"]
+    args += ["--out", "run"]
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "pyro_vae", *args],
