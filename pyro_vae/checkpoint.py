@@ -83,7 +83,11 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+        if "weights_only" in str(e) or "pickle" in str(e).lower():
+            first = "not a file of plain tensors (damaged, or not written by pyro-vae)"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first}; it is never unpickled as code"
+        ) from None
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} is not a pyro-vae checkpoint (formats {', '.join(map(str, READABLE_FORMATS))})"

@@ -105,6 +105,13 @@ def _run_train(args: argparse.Namespace) -> int:
             args.resume, epochs=args.epochs, device=args.device, progress=progress, log=log
         )
         out = Path(args.resume)
+        if result.epochs_run <= 0:
+            done = result.history[-1]["epoch"] if result.history else 0
+            print(
+                f"{out} is already at epoch {done} of {result.config.train.epochs}: nothing to "
+                f"do; pass --epochs larger than {done} to train on"
+            )
+            return 0
     else:
         config = Config.load(args.config) if args.config else Config()
         overrides = dict(parse_override(s) for s in args.set)

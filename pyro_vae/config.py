@@ -76,13 +76,23 @@ def _mlp(hidden: list[int]) -> ComponentConfig:
     return ComponentConfig("mlp", {"hidden": hidden, "activation": "relu"})
 
 
+#: Seeds are 64-bit: what ``torch.manual_seed`` and ``torch.Generator`` accept.
+SEED_RANGE = (0, 2**63 - 1)
+
+
 class _Section:
     """Mixin: type and range checks from the dataclass annotations."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            _check_type(getattr(self, f.name), hints[f.name], f"{self._section}.{f.name}")
+            where = f"{self._section}.{f.name}"
+            value = getattr(self, f.name)
+            _check_type(value, hints[f.name], where)
+            if f.name.endswith("seed") and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+                raise ConfigError(
+                    f"{where} = {value} is out of range; valid: {SEED_RANGE[0]} to {SEED_RANGE[1]}"
+                )
         self._check()
 
     _section = ""
@@ -314,9 +324,11 @@ class Config:
     def load(cls, path: str | os.PathLike[str]) -> Config:
         """Read a TOML config file."""
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (TOML must be)") from None
         return cls.from_toml(text)
 
     def override(self, overrides: Mapping[str, Any]) -> Config:

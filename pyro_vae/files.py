@@ -106,3 +106,20 @@ def _lock_holder(run_dir: Path) -> int | None:
         except (IndexError, ValueError):
             continue
     return None
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write_bytes` left in ``run_dir``.
+
+    A process killed mid-write (SIGKILL, power loss) leaves ``.NAME.*.tmp``;
+    call this only while holding :func:`run_lock`, when no write is under way.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for path in Path(run_dir).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

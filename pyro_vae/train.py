@@ -63,7 +63,7 @@ from .config import ComponentConfig, Config, ModelConfig, TrainConfig
 from .data import IN_MEMORY, Dataset, PreparedData, check_fits, load_dataset, prepare
 from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
-from .files import run_lock
+from .files import remove_stale_temporaries, run_lock
 from .model import VAE
 from .objectives import kl_estimator, kl_weight
 from .registry import LIKELIHOODS, METHODS
@@ -88,12 +88,14 @@ class TrainResult:
         config: The resolved config (binarization resolved too).
         history: One record per epoch, as in ``metrics.jsonl``.
         data: The prepared data.
+        epochs_run: Epochs this call trained (0: a resumed run was already done).
     """
 
     vae: VAE
     config: Config
     history: list[dict[str, Any]]
     data: PreparedData
+    epochs_run: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -478,7 +480,7 @@ class Trainer:
                         self._interrupt(None, epoch, 0)
         finally:
             bar.close()
-        return TrainResult(vae.eval(), cfg, history, data)
+        return TrainResult(vae.eval(), cfg, history, data, epochs_run=cfg.train.epochs - epoch_done)
 
     def _epoch_record(
         self, epoch: int, train_elbo: float, evaluation: dict[str, torch.Tensor], seconds: float
@@ -755,9 +757,9 @@ def _resume(
 ) -> TrainResult:
     from .checkpoint import read_run_config, upgrade_state
 
-    config = read_run_config(out_dir)
+    saved = read_run_config(out_dir)
     changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
+    config = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
     state = upgrade_state(load_checkpoint(out_dir), out_dir)
     if config.data.name == IN_MEMORY:
         raise CheckpointError(
@@ -765,6 +767,10 @@ def _resume(
             "with the same data, or retrain"
         )
     cfg = resolve(config)
+    if distributed.is_main():
+        remove_stale_temporaries(out_dir)  # a SIGKILL mid-write leaves them; we hold the lock
+        if config != saved:  # the run's config.toml tells the truth about --epochs / --device
+            config.save(out_dir / CONFIG_FILE)
     with _run_context(cfg) as run_device:
         data = load_data(cfg)
         vae = build_vae(cfg.model, tuple(state["event_shape"]), num_data=state["num_data"])

@@ -419,3 +419,53 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     assert "a file is in the way" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--epochs", "1", "--out", str(blocker / "below")]) == 2
     assert blocker.read_text() == "not a directory"
+
+
+# --- small holes of issue 11 closed with the engine ---------------------------------------
+
+
+def test_resume_updates_the_config_says_when_there_is_nothing_to_do_and_cleans_stale_files(
+    tmp_path, capsys
+):
+    out = tmp_path / "run"
+    tiny = ["--latent-dim", "2", "--set", "model.encoder.hidden=[8]", "--set"]
+    tiny += ["model.decoder.hidden=[8]", "--quiet"]
+    assert main(["train", "--epochs", "1", *tiny, "--out", str(out)]) == 0
+    stale = out / ".checkpoint.pt.abc123.tmp"  # what a SIGKILL during a write leaves
+    stale.write_bytes(b"partial")
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert not stale.exists()
+    assert Config.load(out / "config.toml").train.epochs == 2
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "already at epoch 2 of 2" in said and "--epochs larger than 2" in said
+    assert len(pyro_vae.read_metrics(out)) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "99999999999999999999"], "train.seed = 99999999999999999999 is out of range"),
+        (["--seed", "-1"], "train.seed = -1 is out of range"),
+    ],
+)
+def test_out_of_range_seeds_are_one_line(tmp_path, capsys, args, message):
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_utf8_and_a_checkpoint_of_random_bytes_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[train]\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    run = tmp_path / "junk"
+    shutil.copytree(FIXTURES / "v0.1-svi", run)
+    (run / "checkpoint.pt").write_bytes(bytes(range(256)) * 8)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "weights_only" not in err
+    assert len(err.strip().splitlines()) == 1
