@@ -316,24 +316,49 @@ def load_fashion_mnist(data_dir: Path, download: bool) -> Dataset:
 
 
 def load_npz(path: Path) -> Dataset:
-    """A user ``.npz`` with key ``train`` and optional ``valid``/``test``, shape ``(N, ...)``."""
+    """A user array file: a ``.npz`` (``train``, optional ``valid``/``test``) or a ``.npy``.
+
+    Each array has shape ``(N, ...)``; a ``.npy`` is the training set. Real
+    numbers of any width, integers and booleans (the natural form of binary
+    data) are read as float32; complex numbers, object arrays and empty data
+    are refused in one line.
+    """
     try:
-        with np.load(path) as f:
-            keys = set(f.files)
-            if "train" not in keys:
-                raise DataError(
-                    f"npz:{path} has no 'train' array (found: {', '.join(sorted(keys))})"
-                )
-            arrays = {s: np.asarray(f[s]) for s in SPLIT_ORDER if s in keys}
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read npz:{path}: {e.strerror}") from None
+    if magic[:4] != b"PK\x03\x04" and magic != b"\x93NUMPY":
+        raise DataError(
+            f"npz:{path} is neither a .npz archive nor a .npy array (save one with numpy.savez "
+            "or numpy.save)"
+        )
+    try:
+        if magic == b"\x93NUMPY":
+            arrays = {"train": np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                keys = set(f.files)
+                if "train" not in keys:
+                    raise DataError(
+                        f"npz:{path} has no 'train' array (found: {', '.join(sorted(keys))})"
+                    )
+                arrays = {s: np.asarray(f[s]) for s in SPLIT_ORDER if s in keys}
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read npz:{path}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "pickle" in first.lower():
+            first = "it holds Python objects, not numbers"
+        raise DataError(f"cannot read npz:{path}: {first}") from None
     splits = {}
     for split, array in arrays.items():
-        if array.ndim < 2 or not np.issubdtype(array.dtype, np.number):
+        numeric = np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+        if array.ndim < 2 or not numeric or np.iscomplexobj(array):
             raise DataError(
-                f"npz:{path}: {split!r} must be a numeric array of shape (N, ...), "
+                f"npz:{path}: {split!r} must be a real or boolean array of shape (N, ...), "
                 f"got {array.dtype} {array.shape}"
             )
+        if array.size == 0:
+            raise DataError(f"npz:{path}: {split!r} is empty, shape {array.shape}")
         splits[split] = torch.as_tensor(array.astype(np.float32))
     shapes = {tuple(x.shape[1:]) for x in splits.values()}
     if len(shapes) > 1:

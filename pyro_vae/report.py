@@ -730,10 +730,23 @@ def write_report(
     """Write :func:`build_report` to ``out`` (default ``RUN_DIR/report.html``); returns the path."""
     from .checkpoint import atomic_write_bytes
 
-    page = build_report(run_dir, compare=compare, split=split, seed=seed)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    _check_output_file(path, "--out")  # before any work
+    page = build_report(run_dir, compare=compare, split=split, seed=seed)
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
+
+
+#: The most images ``sample`` decodes into one grid (a 64 x 64 grid of 28 x 28 images).
+MAX_SAMPLES = 4096
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    """Refuse, in one line, an output path that is a directory or lies in a missing folder."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name, e.g. {path}/out.html")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
 
 
 # --- CLI: report and sample ------------------------------------------------------------
@@ -755,6 +768,10 @@ def write_samples(
 
     from . import plots
 
+    if not 1 <= num <= MAX_SAMPLES:
+        raise UserError(f"-n {num}: a grid of {num} images is not drawn; valid: 1 to {MAX_SAMPLES}")
+    path = Path(out) if out else Path(run_dir) / "samples.png"
+    _check_output_file(path, "--out")
     with torch.random.fork_rng(devices=[]):  # building the model draws initial weights
         vae = load(run_dir)
     if not plots.is_image_shape(vae.event_shape):
@@ -763,6 +780,5 @@ def write_samples(
             "sample writes image grids for data of shape (H, W) or (C, H, W)"
         )
     images = plots.sample_prior_images(vae, num, seed)
-    path = Path(out) if out else Path(run_dir) / "samples.png"
     plots.save_image_grid(images, path, nrow or math.ceil(math.sqrt(num)))
     return path

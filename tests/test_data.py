@@ -145,3 +145,36 @@ def test_binarizing_values_outside_the_unit_interval_is_rejected():
     )
     with pytest.raises(DataError, match="cannot be binarized"):
         data.prepare(ds, "static", 0, constraints.boolean)
+
+
+def test_npy_and_boolean_arrays_are_read(tmp_path):
+    x = np.random.RandomState(0).rand(20, 3) < 0.5
+    np.save(tmp_path / "plain.npy", x)
+    ds = load_dataset(f"npz:{tmp_path / 'plain.npy'}")
+    assert ds.splits["train"].dtype == torch.float32 and set(ds.splits) == {"train", "test"}
+    np.savez(tmp_path / "bool.npz", train=x)
+    assert load_dataset(f"npz:{tmp_path / 'bool.npz'}").splits["train"].max() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("complex", "must be a real or boolean array"),
+        ("empty", "is empty"),
+        ("text", "neither a .npz archive nor a .npy array"),
+        ("objects", "holds Python objects"),
+    ],
+)
+def test_bad_array_files_are_refused_in_one_line(tmp_path, content, message):
+    path = tmp_path / "data.npz"
+    if content == "complex":
+        np.savez(path, train=np.ones((5, 2), dtype=np.complex64))
+    elif content == "empty":
+        np.savez(path, train=np.zeros((20, 0)))
+    elif content == "text":
+        path.write_text("1,2,3\n4,5,6\n")
+    else:
+        np.savez(path, train=np.array([[object()], [object()]], dtype=object))
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(f"npz:{path}")
+    assert "\n" not in str(info.value)

@@ -469,3 +469,22 @@ def test_a_config_that_is_not_utf8_and_a_checkpoint_of_random_bytes_are_one_line
     err = capsys.readouterr().err
     assert "cannot read checkpoint" in err and "weights_only" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_report_and_sample_refuse_bad_outputs_before_any_work(tmp_run_copy, capsys):
+    run = tmp_run_copy
+    assert main(["report", str(run), "--out", str(run.parent)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(run / "missing" / "r.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sample", str(run), "-n", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "valid: 1 to 4096" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "report.html").exists() and not (run / "samples.png").exists()
+
+
+@pytest.fixture
+def tmp_run_copy(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    return run
