@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import elbo
 from .errors import DataError
-from .model import VAE
+from .model import VAE, kl_per_dim
 
 #: Burda et al. (2016): dimension d is active when Cov_x(E_q[z_d]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -107,11 +106,22 @@ def active_units(
     return ActiveUnits(posterior_mean(vae, x).var(dim=0), threshold)
 
 
+@torch.no_grad()
 def mean_kl_per_dim(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """:func:`pyro_vae.elbo.mean_kl_per_dim` for new data ``x`` (an amortized guide), ``(D,)``.
+    """Mean closed-form KL of each latent dimension over new data ``x``, ``(D,)``, no sampling.
 
     Raises:
-        DataError: the guide is not amortized, or the KL does not factorize.
+        DataError: the guide is not amortized, or the KL does not factorize over dimensions.
     """
     require_amortized(vae)
-    return elbo.mean_kl_per_dim(vae, x, batch_size)
+    total = None
+    for start in range(0, len(x), batch_size):
+        dims = kl_per_dim(vae.posterior(x[start : start + batch_size]), vae.prior())
+        if dims is None:
+            raise DataError(
+                "the KL has no per-dimension closed form for this guide and prior "
+                "(both must factorize over latent dimensions)"
+            )
+        total = dims.sum(0) if total is None else total + dims.sum(0)
+    assert total is not None
+    return total / len(x)

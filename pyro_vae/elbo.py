@@ -2,7 +2,7 @@ r"""The one ELBO evaluator and the one per-datum refinement of q.
 
 Every number that is "an ELBO" in pyro-vae comes from :func:`elbo_terms`:
 the epoch metrics (:func:`evaluate_elbo`), variational EM's bound on the
-training set, the plots' KL per dimension (:func:`mean_kl_per_dim`), the gap
+training set, the gap
 decomposition and the EM E-step (:func:`refine_step`).
 
 .. math::
@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import Distribution
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .model import VAE, analytic_kl, kl_per_dim
 
 
@@ -79,14 +79,15 @@ def elbo_terms(
     p = vae.prior()
     z = q.rsample() if num_particles == 1 else q.rsample((num_particles,))
     reconstruction = vae.likelihood(z).log_prob(x)
-    kl = analytic_kl(q, p)
+    per_dim = kl_per_dim(q, p)  # when q and p factorize: the KL once, per dimension
+    kl = per_dim.sum(-1) if per_dim is not None else analytic_kl(q, p)
     if kl is None:
         kl = q.log_prob(z) - p.log_prob(z)
         if num_particles > 1:
             kl = kl.mean(0)
     if num_particles > 1:
         reconstruction = reconstruction.mean(0)
-    return ELBOTerms(reconstruction, kl, kl_per_dim(q, p))
+    return ELBOTerms(reconstruction, kl, per_dim)
 
 
 def _positions(vae: VAE, start: int, batch: torch.Tensor) -> torch.Tensor | None:
@@ -126,27 +127,6 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> dict[str
         "kl": kl_mean,
         "kl_per_dim": None if per_dim is None else (per_dim / len(x)).tolist(),
     }
-
-
-@torch.no_grad()
-def mean_kl_per_dim(vae: VAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Mean closed-form KL of each latent dimension over data ``x``, shape ``(D,)`` (no sampling).
-
-    Raises:
-        DataError: the guide or the prior does not factorize over dimensions.
-    """
-    total = None
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        dims = kl_per_dim(vae.posterior(batch, _positions(vae, start, batch)), vae.prior())
-        if dims is None:
-            raise DataError(
-                "the KL has no per-dimension closed form for this guide and prior "
-                "(both must factorize over latent dimensions)"
-            )
-        total = dims.sum(0) if total is None else total + dims.sum(0)
-    assert total is not None
-    return total / len(x)
 
 
 # --- the per-datum refinement of q (gap decomposition, EM E-step) ----------------------
@@ -351,7 +331,6 @@ __all__ = [
     "elbo_terms",
     "evaluate_elbo",
     "fit_local_posterior",
-    "mean_kl_per_dim",
     "refine_posterior",
     "refine_step",
 ]

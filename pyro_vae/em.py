@@ -89,6 +89,7 @@ class VariationalEMStep(StepStrategy):
 
     objectives = ("meanfield", "trace")
     free_bits = False
+    fixed_data = True
     compare_with_amortized = True
 
     def __init__(
@@ -122,21 +123,14 @@ class VariationalEMStep(StepStrategy):
 
     @classmethod
     def configure(cls, config: Config) -> Config:
-        """The per-datum ``local`` guide for an amortized one; dynamic binarization made static.
+        """The per-datum ``local`` guide in place of an amortized one.
 
         A local :math:`q_i` belongs to one fixed datum, so data that would be
         binarized afresh at every batch are binarized once (``static``, with
-        ``data.binarize_seed``).
+        ``data.binarize_seed``): ``fixed_data``.
         """
         if GUIDES.get(config.model.guide.name).is_amortized:
             config = with_guide(config, ComponentConfig("local"))
-        if config.data.binarize in ("auto", "dynamic"):
-            from .train import load_data
-
-            if load_data(config).dynamic:
-                config = dataclasses.replace(
-                    config, data=dataclasses.replace(config.data, binarize="static")
-                )
         return config
 
     def e_step(self, x: torch.Tensor, index: torch.Tensor, kl_scale: float = 1.0) -> float:

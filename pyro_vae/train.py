@@ -60,7 +60,15 @@ from .checkpoint import (
     write_metrics,
 )
 from .config import ComponentConfig, Config, ModelConfig, TrainConfig
-from .data import IN_MEMORY, Dataset, PreparedData, check_fits, load_dataset, prepare
+from .data import (
+    IN_MEMORY,
+    Dataset,
+    PreparedData,
+    check_fits,
+    load_dataset,
+    prepare,
+    resolve_binarize,
+)
 from .elbo import evaluate_elbo
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from .files import remove_stale_temporaries, run_lock
@@ -106,8 +114,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_data(config: Config) -> PreparedData:
+def load_data(config: Config, fixed: bool = False) -> PreparedData:
     """Load and binarize the data of ``config`` and check they fit its likelihood.
+
+    Args:
+        config: The run's config (``[data]`` and the likelihood's support).
+        fixed: Binarize once (``static``) where ``[data]`` asks for ``dynamic``
+            binarization, for methods whose parameters belong to fixed data.
 
     Raises:
         DataError: data missing, non-finite, or outside the likelihood's support.
@@ -115,7 +128,10 @@ def load_data(config: Config) -> PreparedData:
     likelihood = config.model.likelihood.name
     support = LIKELIHOODS.get(likelihood).support
     dataset = load_dataset(config.data.name, config.data.data_dir, config.data.download)
-    data = prepare(dataset, config.data.binarize, config.data.binarize_seed, support)
+    mode = config.data.binarize
+    if fixed and resolve_binarize(mode, dataset.splits["train"], support) == "dynamic":
+        mode = "static"
+    data = prepare(dataset, mode, config.data.binarize_seed, support)
     for split, x in data.splits.items():
         check_fits(x, data.event_shape, support, likelihood, f"{data.name} {split}")
     return data
@@ -140,6 +156,8 @@ class StepStrategy:
     free_bits: bool = True
     #: Gradient evaluations per :meth:`step` (for the records).
     gradients_per_step: int = 1
+    #: The method's parameters belong to fixed training data: no dynamic binarization.
+    fixed_data: bool = False
     #: ``pyro-vae train`` also trains an amortized VAE beside it on the same budget
     #: (:func:`pyro_vae.em.fit_em`), for the comparison the method exists to show.
     compare_with_amortized: bool = False
@@ -661,7 +679,7 @@ def _fit_config(
         torch.manual_seed(cfg.train.seed)
         with distributed.main_first():  # [distributed] rank 0 downloads first
             cfg = resolve(method.configure(cfg))
-            data = load_data(cfg)
+            data = load_data(cfg, fixed=method.fixed_data)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize=data.binarize))
         vae = build_vae(cfg.model, data.event_shape, num_data=len(data.train)).to(device)
         if initialize is not None:
