@@ -57,7 +57,6 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .config import ComponentConfig, Config, TrainConfig
 from .data import PreparedData
 from .elbo import RowAdam, refine_step
@@ -68,8 +67,6 @@ from .train import StepStrategy, fit, with_guide
 
 #: Sub-directory of an EM run that holds the amortized comparison run.
 AMORTIZED_DIR = "amortized"
-#: Marked checkpoints written by :func:`fit_em` before the one trainer (they cannot be resumed).
-WRITTEN_BY = "pyro_vae.em.fit_em"
 
 __all__ = ["AMORTIZED_DIR", "EMResult", "RowAdam", "VariationalEMStep", "fit_em"]
 
@@ -341,19 +338,3 @@ def _side_by_side(
             record["amortized_gradient_steps"] = a["gradient_steps"]
         records.append(record)
     return records
-
-
-def check_resumable(run_dir: str | Path) -> None:
-    """Raise a one-line :class:`ConfigError` if ``run_dir`` is a variational-EM run of version 0.1.
-
-    Those checkpoints keep no optimizer or RNG state; runs of the one trainer
-    (every method) resume.
-    """
-    if (Path(run_dir) / CHECKPOINT_FILE).exists():
-        state = load_checkpoint(run_dir)
-        if state.get("written_by") == WRITTEN_BY:
-            raise ConfigError(
-                f"{run_dir} was written by pyro-vae 0.1's --method variational-em, which kept "
-                "no optimizer state, so it cannot be resumed; it loads and evaluates, or "
-                "start a new run with more --epochs"
-            )
