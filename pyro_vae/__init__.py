@@ -17,40 +17,132 @@ The modules form layers; each imports only from the layers below it
 6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
 7. ``evaluate``, ``diagnostics``: evaluation; ``plots``, ``report``, ``course``: presentation;
 8. ``cli``: the command line.
+
+Importing the package itself is cheap: the names below are loaded, with
+every module (so every registered component), on first use (PEP 562), so
+the ``pyro-vae`` command can exit quietly on a Ctrl-C while torch loads.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .build import build_objective, build_vae, resolve
-from .checkpoint import load, read_metrics
-from .config import ComponentConfig, Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
-from .data import Dataset, load_dataset
-from .elbo import Refinement, evaluate_elbo, refine_posterior
-from .em import EMResult, VariationalEMStep, fit_em
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    NonFiniteLossError,
-    PyroVAEError,
-    TrainingInterrupted,
-    UserError,
-)
-from .evaluate import (
-    Evaluation,
-    effective_sample_size,
-    evaluate_run,
-    iwae_bounds,
-    log_importance_weights,
-    pareto_khat,
-)
-from .exact import LinearGaussian, linear_gaussian, log_likelihood_quadrature
-from .guides import Guide
-from .likelihoods import Likelihood
-from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE, analytic_kl
-from .nets import Network
-from .priors import Prior
-from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
-from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from .build import build_objective, build_vae, resolve
+    from .checkpoint import load, read_metrics
+    from .config import ComponentConfig, Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
+    from .data import Dataset, load_dataset
+    from .elbo import Refinement, evaluate_elbo, refine_posterior
+    from .em import EMResult, VariationalEMStep, fit_em
+    from .errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        NonFiniteLossError,
+        NonFiniteStartError,
+        PyroVAEError,
+        RunInUseError,
+        TrainingInterrupted,
+        UserError,
+    )
+    from .evaluate import (
+        Evaluation,
+        effective_sample_size,
+        evaluate_run,
+        iwae_bounds,
+        log_importance_weights,
+        pareto_khat,
+    )
+    from .exact import LinearGaussian, linear_gaussian, log_likelihood_quadrature
+    from .guides import Guide
+    from .likelihoods import Likelihood
+    from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE, analytic_kl
+    from .nets import Network
+    from .priors import Prior
+    from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
+    from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "Callback": "train",
+    "CheckpointError": "errors",
+    "ComponentConfig": "config",
+    "Config": "config",
+    "ConfigError": "errors",
+    "DATASETS": "registry",
+    "DATA_PLATE": "model",
+    "DataConfig": "config",
+    "DataError": "errors",
+    "Dataset": "data",
+    "EMResult": "em",
+    "EvalConfig": "config",
+    "Evaluation": "evaluate",
+    "GUIDES": "registry",
+    "Guide": "guides",
+    "LATENT_SITE": "model",
+    "LIKELIHOODS": "registry",
+    "Likelihood": "likelihoods",
+    "LinearGaussian": "exact",
+    "METHODS": "registry",
+    "ModelConfig": "config",
+    "NETWORKS": "registry",
+    "Network": "nets",
+    "NonFiniteLossError": "errors",
+    "NonFiniteStartError": "errors",
+    "OBJECTIVES": "registry",
+    "OBSERVED_SITE": "model",
+    "PRIORS": "registry",
+    "Prior": "priors",
+    "PyroVAEError": "errors",
+    "RunInUseError": "errors",
+    "Refinement": "elbo",
+    "StepStrategy": "train",
+    "TrainConfig": "config",
+    "TrainResult": "train",
+    "Trainer": "train",
+    "TrainingInterrupted": "errors",
+    "UserError": "errors",
+    "VAE": "model",
+    "VariationalEMStep": "em",
+    "analytic_kl": "model",
+    "build_objective": "build",
+    "build_vae": "build",
+    "effective_sample_size": "evaluate",
+    "evaluate_elbo": "elbo",
+    "evaluate_run": "evaluate",
+    "fit": "train",
+    "fit_em": "em",
+    "iwae_bounds": "evaluate",
+    "linear_gaussian": "exact",
+    "load": "checkpoint",
+    "load_data": "train",
+    "load_dataset": "data",
+    "log_importance_weights": "evaluate",
+    "log_likelihood_quadrature": "exact",
+    "pareto_khat": "evaluate",
+    "read_metrics": "checkpoint",
+    "refine_posterior": "elbo",
+    "resolve": "build",
+    "resume": "train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load every module on first use of a public name (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for name_, module_ in _EXPORTS.items():
+        globals()[name_] = getattr(importlib.import_module(f".{module_}", __name__), name_)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "DATASETS",
@@ -77,7 +169,9 @@ __all__ = [
     "LinearGaussian",
     "ModelConfig",
     "NonFiniteLossError",
+    "NonFiniteStartError",
     "PyroVAEError",
+    "RunInUseError",
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",

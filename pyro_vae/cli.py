@@ -62,7 +62,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--likelihood", help="likelihood name (see `pyro-vae list`)")
     p.add_argument("--prior", help="prior name (see `pyro-vae list`)")
     p.add_argument("--guide", help="guide name (see `pyro-vae list`)")
-    p.add_argument("--elbo", help="objective: trace (Monte Carlo KL) or meanfield (analytic KL)")
+    p.add_argument(
+        "--elbo",
+        help="objective: trace (Monte Carlo KL), meanfield (analytic KL) or iwae (importance "
+        "weighted bound, K = --num-particles); see `pyro-vae list`",
+    )
     p.add_argument("--num-particles", type=int, metavar="P")
     p.add_argument("--epochs", type=int, metavar="N")
     p.add_argument("--batch-size", type=int, metavar="B")
@@ -193,7 +197,20 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--max-hours",
+        type=float,
+        default=24.0,
+        metavar="H",
+        help="refuse, before sampling, an evaluation estimated to take longer (default 24)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+
+def _positive_hours(hours: float) -> float:
+    if not 0 < hours < float("inf"):
+        raise ConfigError(f"--max-hours must be a positive number of hours, got {hours}")
+    return hours
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -213,6 +230,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        max_seconds=_positive_hours(args.max_hours) * 3600,
     )
     if not args.quiet:
         print(result.table())
@@ -347,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
+    from . import build, em  # noqa: F401  (every component and method registered)
     from .plugins import import_plugins
 
     args = build_parser().parse_args(argv)

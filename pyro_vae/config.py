@@ -194,7 +194,7 @@ class TrainConfig(_Section):
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "local_lr"):
             if not 0 < getattr(self, key) < float("inf"):
-                raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)}")
+                raise ConfigError(f"train.{key} must be finite and > 0, got {getattr(self, key)}")
         for key in ("beta", "kl_warmup_epochs", "free_bits"):
             if not 0 <= getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")

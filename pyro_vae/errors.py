@@ -35,6 +35,13 @@ class NonFiniteLossError(PyroVAEError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class NonFiniteStartError(NonFiniteLossError, UserError):
+    """The loss was NaN or infinite before the first checkpoint: bad input, nothing was kept.
+
+    Its message names the likely cause (the scale of the data, the learning rate).
+    """
+
+
 class TrainingInterrupted(PyroVAEError, KeyboardInterrupt):
     """Training was interrupted (Ctrl-C) after a checkpoint was saved."""
 

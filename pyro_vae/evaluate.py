@@ -50,11 +50,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,20 @@ def log_importance_weights(
     support = vae.likelihood.support
     check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, "the data")
     batch = x.shape[0]
+    r = _proposal(vae, x, proposal, index)
+    out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
+    start = 0
+    for log_w in _log_weight_chunks(vae, x, num_samples, r, index, chunk_size, validate):
+        out[start : start + len(log_w)] = log_w
+        start += len(log_w)
+    return out
+
+
+def _proposal(
+    vae: VAE, x: torch.Tensor, proposal: Proposal, index: torch.Tensor | None
+) -> Distribution:
+    """The proposal ``r(z | x)`` as a distribution of batch shape ``(B,)``."""
+    batch = x.shape[0]
     if isinstance(proposal, str) and proposal == "prior":
         r = vae.prior().expand((batch,))
     elif isinstance(proposal, str):
@@ -175,26 +191,164 @@ def log_importance_weights(
     else:
         r = proposal
     _check_batch_distribution(r, batch, vae.latent_dim, "the proposal")
+    return r
+
+
+def _log_weight_chunks(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    r: Distribution,
+    index: torch.Tensor | None,
+    chunk_size: int,
+    validate: bool = False,
+) -> Iterator[torch.Tensor]:
+    """The ``[K, B]`` log weights of :func:`log_importance_weights`, ``[k, B]`` at a time.
+
+    Raises:
+        NonFiniteLossError: a chunk holds NaN weights.
+    """
     guide = _proposal_guide(r)
-    per_chunk = max(1, chunk_size // batch)
-    out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
+    per_chunk = max(1, chunk_size // x.shape[0])
     previous = Distribution._validate_args  # pyro.validation_enabled restores Pyro's flag only
     try:
-        with pyro.validation_enabled(validate):
+        with torch.no_grad(), pyro.validation_enabled(validate):
             for start in range(0, num_samples, per_chunk):
                 k = min(per_chunk, num_samples - start)
                 objective = IWAE_ELBO(
                     num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1
                 )
                 log_w, _ = objective.log_weights(vae.model, guide, x, index)
-                out[start : start + k] = log_w
+                if torch.isnan(log_w).any():
+                    raise NonFiniteLossError(
+                        "the log importance weights are NaN: the model gives non-finite densities"
+                    )
+                yield log_w.reshape(k, x.shape[0])
     finally:
         Distribution.set_default_validate_args(previous)
-    if torch.isnan(out).any():
-        raise NonFiniteLossError(
-            "the log importance weights are NaN: the model gives non-finite densities"
-        )
-    return out
+
+
+def khat_tail_size(num_samples: int) -> int:
+    """How many of the largest of ``K`` weights the Pareto fit of :func:`pareto_khat` reads.
+
+    arviz's PSIS fits the ``M = ceil(min(K/5, 3 sqrt(K)))`` largest weights
+    above the ``(M+1)``-th largest, so :math:`\\hat k` depends on the ``M + 1``
+    largest only.
+    """
+    return int(math.ceil(min(num_samples / 5.0, 3 * math.sqrt(num_samples)))) + 1
+
+
+class WeightStatistics:
+    """Per-datum summaries of ``K`` log weights that arrive in chunks, in bounded memory.
+
+    Accumulates, in float64, what :func:`evaluate` reports: :math:`\\log \\hat p(x)`
+    (a running log-sum-exp), the ESS (log-sum-exps of :math:`w` and :math:`w^2`),
+    the mean log weight (the ELBO for the guide proposal), the IWAE bounds
+    :math:`\\mathcal L_{K'}` (disjoint groups of ``K'`` consecutive weights, as
+    :func:`iwae_bounds`) and :math:`\\hat k` from the largest
+    :func:`khat_tail_size` weights (as :func:`pareto_khat`). Memory is
+    ``O(B (len(ks) + 3 sqrt(K)))`` whatever ``K`` is.
+
+    Args:
+        num_samples: ``K``, the number of weights that will arrive per datum.
+        batch: ``B``.
+        ks: The IWAE bounds to compute (each ``<= K``).
+        khat: Keep the tail for :math:`\\hat k`.
+        device: Where to accumulate (that of the weights).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch: int,
+        ks: Sequence[int] = (),
+        khat: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_samples, self.batch, self.seen = num_samples, batch, 0
+        zeros = partial(torch.zeros, batch, dtype=torch.float64, device=device)
+        self.lse, self.lse2 = zeros() - math.inf, zeros() - math.inf
+        self.total = zeros()
+        # per IWAE K: [sum of completed group estimates, open group's log-sum-exp, its size]
+        self.groups = {int(k): [zeros(), zeros() - math.inf, 0] for k in ks}
+        self.tail_size = khat_tail_size(num_samples) if khat else 0
+        if num_samples < MIN_KHAT_SAMPLES:
+            self.tail_size = 0
+        self.tail: list[torch.Tensor] = []
+        self.tail_rows = 0
+
+    def update(self, log_w: torch.Tensor) -> None:
+        """Add the next ``[k, B]`` log weights."""
+        w = log_w.detach().to(self.lse.device, torch.float64)
+        self.lse = torch.logaddexp(self.lse, torch.logsumexp(w, 0))
+        self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * w, 0))
+        self.total += w.sum(0)
+        self.seen += len(w)
+        for k, group in self.groups.items():
+            self._update_group(k, group, w)
+        if self.tail_size:
+            self.tail.append(w)
+            self.tail_rows += len(w)
+            if self.tail_rows >= 2 * self.tail_size:
+                self._shrink_tail()
+
+    @staticmethod
+    def _update_group(k: int, group: list[Any], w: torch.Tensor) -> None:
+        i, n = 0, len(w)
+        if group[2]:  # finish the open group
+            take = min(k - group[2], n)
+            group[1] = torch.logaddexp(group[1], torch.logsumexp(w[:take], 0))
+            group[2] += take
+            i = take
+            if group[2] == k:
+                group[0] += group[1] - math.log(k)
+                group[1], group[2] = torch.full_like(group[1], -math.inf), 0
+        full = (n - i) // k
+        if full:
+            block = w[i : i + full * k].reshape(full, k, -1)
+            group[0] += (torch.logsumexp(block, 1) - math.log(k)).sum(0)
+            i += full * k
+        if i < n:
+            group[1], group[2] = torch.logsumexp(w[i:], 0), n - i
+
+    def _shrink_tail(self) -> None:
+        rows = torch.cat(self.tail)
+        self.tail = [torch.topk(rows, min(self.tail_size, len(rows)), dim=0).values]
+        self.tail_rows = len(self.tail[0])
+
+    def result(self) -> dict[str, torch.Tensor | np.ndarray]:
+        """``log_likelihood``, ``ess``, ``mean``, ``iwae_{K}`` and ``khat`` per datum."""
+        if self.seen != self.num_samples:
+            raise ValueError(f"expected {self.num_samples} weights per datum, got {self.seen}")
+        k_total = self.num_samples
+        out: dict[str, torch.Tensor | np.ndarray] = {
+            "log_likelihood": self.lse - math.log(k_total),
+            "ess": torch.exp(2 * self.lse - self.lse2),
+            "mean": self.total / k_total,
+        }
+        for k, group in self.groups.items():
+            out[f"iwae_{k}"] = group[0] / (k_total // k)
+        if self.tail_size:
+            self._shrink_tail()
+            out["khat"] = _khat_from_tail(self.tail[0], k_total)
+        else:
+            out["khat"] = np.full(self.batch, np.nan)
+        return out
+
+
+def _khat_from_tail(tail: torch.Tensor, num_samples: int) -> np.ndarray:
+    """arviz's PSIS :math:`\\hat k` of each column of ``K`` weights, given their largest ones."""
+    from arviz.stats.stats import _psislw
+
+    values = tail.T.double().cpu().numpy()
+    cutoff = -khat_tail_size(num_samples)
+    cutoffmin = np.log(np.finfo(float).tiny)
+    khat = np.empty(len(values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for b, row in enumerate(values):
+            _, khat[b] = _psislw(row.copy(), cutoff, cutoffmin, False)
+    return khat
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -276,6 +430,49 @@ def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
         warnings.simplefilter("ignore")
         _, khat = arviz.psislw(values, normalize=False)
     return np.asarray(khat, dtype=np.float64).reshape(batch)
+
+
+# --- how long an evaluation takes ----------------------------------------------
+
+#: Default limit of :func:`evaluate`: a request estimated to take longer is refused.
+MAX_SECONDS = 24 * 3600.0
+
+
+def format_duration(seconds: float) -> str:
+    """``"45 s"``, ``"7.5 min"``, ``"3.2 h"`` or ``"4.1 days"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.3g} days"
+
+
+def estimate_seconds(
+    vae: VAE, x: torch.Tensor, num_samples: int, chunk_size: int, num_data: int
+) -> float:
+    """Seconds to draw ``num_samples`` importance weights for each of ``num_data`` data.
+
+    Times one chunk of :func:`log_importance_weights` on the batch ``x``
+    (prior proposal; the random state is restored, so results do not change)
+    and scales it. The refinement of :math:`q^*` for the gaps is not included.
+    """
+    per_chunk = min(num_samples, max(1, chunk_size // len(x)))
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    r = _proposal(vae, x, "prior", None)
+    times = []
+    with torch.random.fork_rng(devices=devices):
+        for _ in range(2):  # the first call also warms up
+            start = time.perf_counter()
+            chunks = _log_weight_chunks(vae, x, per_chunk, r, None, chunk_size)
+            next(chunks)
+            chunks.close()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - start)
+    per_weight = min(times) / (per_chunk * len(x))
+    return per_weight * num_samples * num_data
 
 
 # --- q*: per-datum refinement ---------------------------------------------------
@@ -399,6 +596,7 @@ def evaluate(
     split: str | None = None,
     progress: bool = False,
     refine_options: dict[str, Any] | None = None,
+    max_seconds: float | None = MAX_SECONDS,
 ) -> Evaluation:
     """Importance-sampled :math:`\\log p(x)`, IWAE bounds, ESS, :math:`\\hat k` and gaps, per datum.
 
@@ -430,6 +628,8 @@ def evaluate(
         split: Name recorded in the summary.
         progress: Show a progress bar.
         refine_options: Keyword options of :func:`refine_posterior`.
+        max_seconds: Refuse, before sampling, a request estimated
+            (:func:`estimate_seconds`) to take longer; ``None``: no limit.
 
     Returns:
         An :class:`Evaluation`; ``summary`` holds ``log_likelihood`` (mean
@@ -441,7 +641,8 @@ def evaluate(
         and the gaps.
 
     Raises:
-        ConfigError: a bad K, IWAE K, proposal, batch or chunk size.
+        ConfigError: a bad K, IWAE K, proposal, batch or chunk size, or a request
+            estimated to take longer than ``max_seconds``.
         DataError: data that do not fit the model.
         UserError: ``gaps`` with a guide that is not a diagonal Normal, or a
             guide proposal from a point-estimate guide.
@@ -459,14 +660,40 @@ def evaluate(
         refine_options=dict(refine_options or {}),
         exact=linear_gaussian(vae),
     )
+    passes = 1 + (plan.proposal == "prior" and not vae.posterior.is_point_estimate) + plan.gaps
+    seconds = estimate_seconds(vae, x[:batch_size], num_samples, chunk_size, len(x) * passes)
+    if max_seconds is not None and seconds > max_seconds:
+        rate = len(x) * passes * num_samples / seconds
+        k_max = int(max_seconds * rate / (len(x) * passes))
+        raise ConfigError(
+            f"evaluating {len(x)} data with K = {num_samples} would take about "
+            f"{format_duration(seconds)} ({rate:.3g} weights per second measured here); "
+            f"the limit is {format_duration(max_seconds)}: valid K up to {k_max} for "
+            f"{len(x)} data, or fewer data"
+        )
+    if progress and seconds > 10:
+        print(
+            f"evaluating {len(x)} data with K = {num_samples}"
+            + (" and the gaps" if gaps else "")
+            + f": about {format_duration(seconds)}"
+            + (" plus the refinement of q*" if gaps else ""),
+            file=sys.stderr,
+        )
     parts: dict[str, list[np.ndarray]] = {}
     start_time = time.perf_counter()
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with (
         torch.random.fork_rng(devices=devices),
-        tqdm(total=len(x), disable=not progress, unit="datum", dynamic_ncols=True) as bar,
+        tqdm(
+            total=len(x) * passes * num_samples,
+            disable=not progress,
+            unit="weight",
+            unit_scale=True,
+            dynamic_ncols=True,
+        ) as bar,
     ):
         torch.manual_seed(seed)
+        plan.on_chunk = bar.update
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size]
             ib = None if index is None else index[start : start + batch_size]
@@ -474,7 +701,6 @@ def evaluate(
                 if isinstance(value, torch.Tensor):
                     value = value.detach().double().cpu().numpy()
                 parts.setdefault(key, []).append(np.asarray(value, dtype=np.float64))
-            bar.update(len(xb))
     per_datum = {key: np.concatenate(values) for key, values in parts.items()}
     summary = _summarize(per_datum, ks, num_samples, proposal, seed, split)
     summary["seconds"] = time.perf_counter() - start_time
@@ -528,6 +754,25 @@ class _BatchPlan:
     chunk_size: int
     refine_options: dict[str, Any]
     exact: Any
+    #: Called with the number of (particle, datum) weights of each chunk drawn.
+    on_chunk: Callable[[int], None] = lambda n: None
+
+
+def _statistics(
+    vae: VAE,
+    xb: torch.Tensor,
+    proposal: Proposal,
+    ks: Sequence[int],
+    plan: _BatchPlan,
+    khat: bool = True,
+) -> dict[str, torch.Tensor | np.ndarray]:
+    """:class:`WeightStatistics` of ``K`` importance weights of ``xb`` under ``proposal``."""
+    r = _proposal(vae, xb, proposal, None)
+    stats = WeightStatistics(plan.num_samples, len(xb), ks, khat=khat, device=xb.device)
+    for log_w in _log_weight_chunks(vae, xb, plan.num_samples, r, None, plan.chunk_size):
+        stats.update(log_w)
+        plan.on_chunk(log_w.numel())
+    return stats.result()
 
 
 def _evaluate_batch(
@@ -535,7 +780,7 @@ def _evaluate_batch(
 ) -> dict[str, torch.Tensor | np.ndarray]:
     """Every per-datum quantity of one batch (see :func:`evaluate`)."""
     out: dict[str, torch.Tensor | np.ndarray] = {}
-    k_total, chunk = plan.num_samples, plan.chunk_size
+    k_total = plan.num_samples
     guide_q: Distribution | None = None
     if not vae.posterior.is_point_estimate:
         if plan.local:
@@ -544,34 +789,27 @@ def _evaluate_batch(
             with torch.no_grad():
                 guide_q = vae.posterior(xb, ib)
     main = guide_q if plan.proposal == "guide" else "prior"
-    log_w = log_importance_weights(vae, xb, k_total, proposal=main, chunk_size=chunk)
-    log_lik = log_mean_exp(log_w)
-    ess = effective_sample_size(log_w)
-    out["log_likelihood"] = log_lik
-    out["log_likelihood_mc_stderr"] = log_likelihood_mc_stderr(ess, k_total)
-    out["ess"] = ess
-    out["khat"] = pareto_khat(log_w)
-    for k, bound in iwae_bounds(log_w, plan.ks).items():
-        out[f"iwae_{k}"] = bound
+    stats = _statistics(vae, xb, main, plan.ks, plan)
+    out["log_likelihood"] = log_lik = stats["log_likelihood"]
+    out["log_likelihood_mc_stderr"] = log_likelihood_mc_stderr(stats["ess"], k_total)
+    out["ess"] = stats["ess"]
+    out["khat"] = stats["khat"]
+    for k in plan.ks:
+        out[f"iwae_{k}"] = stats[f"iwae_{k}"]
     guide_log_lik = log_lik
     if guide_q is not None:
-        guide_log_w = log_w
+        guide_stats = stats
         if plan.proposal == "prior":
-            guide_log_w = log_importance_weights(
-                vae, xb, k_total, proposal=guide_q, chunk_size=chunk
-            )
-            guide_log_lik = log_mean_exp(guide_log_w)
-            out["guide_log_likelihood"] = guide_log_lik
-            out["guide_ess"] = effective_sample_size(guide_log_w)
-            out["guide_khat"] = pareto_khat(guide_log_w)
-        out["elbo"] = guide_log_w.mean(0)
+            guide_stats = _statistics(vae, xb, guide_q, [], plan)
+            out["guide_log_likelihood"] = guide_log_lik = guide_stats["log_likelihood"]
+            out["guide_ess"] = guide_stats["ess"]
+            out["guide_khat"] = guide_stats["khat"]
+        out["elbo"] = guide_stats["mean"]
     if plan.gaps:
         assert guide_q is not None
         loc, scale = diagonal_normal_parameters(guide_q)
         refined = refine_posterior(vae, xb, loc, scale, **plan.refine_options)
-        refined_elbo = log_importance_weights(
-            vae, xb, k_total, proposal=refined.distribution(), chunk_size=chunk
-        ).mean(0)
+        refined_elbo = _statistics(vae, xb, refined.distribution(), [], plan, khat=False)["mean"]
         out["refined_elbo"] = refined_elbo
         out["approximation_gap"] = guide_log_lik - refined_elbo
         out["amortization_gap"] = refined_elbo - out["elbo"]
@@ -662,6 +900,7 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = False,
     write: bool = True,
+    max_seconds: float | None = MAX_SECONDS,
 ) -> Evaluation:
     """Evaluate the model of a run directory on one split of its own data.
 
@@ -686,6 +925,7 @@ def evaluate_run(
         device: Where to run.
         progress: Show a progress bar.
         write: Write the two files.
+        max_seconds: Refuse a request estimated to take longer (see :func:`evaluate`).
 
     Raises:
         CheckpointError: no run or checkpoint in ``run_dir``.
@@ -700,7 +940,7 @@ def evaluate_run(
     with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
         return _evaluate_run(
             vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
-            batch_size, chunk_size, seed, progress, write,
+            batch_size, chunk_size, seed, progress, write, max_seconds,
         )  # fmt: skip
 
 
@@ -718,6 +958,7 @@ def _evaluate_run(
     seed: int | None,
     progress: bool,
     write: bool,
+    max_seconds: float | None,
 ) -> Evaluation:
     from .build import resolve
     from .checkpoint import CONFIG_FILE
@@ -759,6 +1000,7 @@ def _evaluate_run(
         seed=cfg.seed if seed is None else seed,
         split=split,
         progress=progress,
+        max_seconds=max_seconds,
     )
     result.summary["run_dir"] = str(run_dir)
     if write:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import CheckpointError, RunInUseError
@@ -40,6 +40,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold the exclusive lock of ``run_dir`` for the block (creating the directory if needed).
 
+    Folders this call created and that are still empty at the end are removed.
+
     Checked before any work: the directory can be created and written to.
 
     Raises:
@@ -48,6 +50,7 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
             file in the way, a missing permission).
     """
     run_dir = Path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -75,6 +78,10 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
         yield run_dir
     finally:
         os.close(fd)
+        # a run that failed before writing anything leaves no empty folders behind
+        with suppress(OSError):
+            for folder in created:
+                folder.rmdir()
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -36,6 +36,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -70,7 +71,13 @@ from .data import (
     resolve_binarize,
 )
 from .elbo import evaluate_elbo
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    NonFiniteStartError,
+    TrainingInterrupted,
+)
 from .files import remove_stale_temporaries, run_lock
 from .model import VAE
 from .objectives import kl_estimator, kl_weight
@@ -400,8 +407,9 @@ class Trainer:
             epoch_done, step_done = int(s["epoch"]), int(s["step"])
             perm = s["perm"].to(device) if s["perm"] is not None else None
             elbo_sum, seconds, history = float(s["elbo_sum"]), float(s["seconds"]), s["history"]
-        elif self.out_dir is not None and main:
-            cfg.save(self._path(CONFIG_FILE))
+        # config.toml is written with the first checkpoint: a run that fails before
+        # it (a NaN at the first steps) leaves nothing behind
+        self._saved = self.state is not None
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
@@ -414,6 +422,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         write = (bar.write if self.progress else self.log) if main else None
+        if batch > n and write is not None and epoch_done == 0 and step_done == 0:
+            write(f"train.batch_size {batch} > {n} training data: every step uses all {n}")
         ddp = strategy if isinstance(strategy, DataParallelSVIStep) else None
 
         def snapshot(epoch: int, step: int) -> dict[str, Any]:
@@ -440,7 +450,9 @@ class Trainer:
 
         try:
             validate, first = pyro.infer.util.is_validation_enabled(), True
-            with _sigint_flag() as interrupted:
+            with _sigint_flag() as interrupted, warnings.catch_warnings():
+                # a NaN loss is reported by the trainer's own message, not Pyro's warning
+                warnings.filterwarnings("ignore", message="Encountered NaN")
                 for epoch in range(epoch_done + 1, cfg.train.epochs + 1):
                     vae.train()
                     beta = kl_weight(cfg.train.beta, cfg.train.kl_warmup_epochs, epoch)
@@ -457,15 +469,16 @@ class Trainer:
                         # Validate the first step of a (re)start -- model/guide structure,
                         # distribution arguments -- then run the hot loop without it (the
                         # data were checked against the likelihood's support up front).
-                        with pyro.validation_enabled(validate and first):
-                            value = strategy.step(x, index, n, beta)
+                        try:
+                            with pyro.validation_enabled(validate and first):
+                                value = strategy.step(x, index, n, beta)
+                        except ValueError as e:  # a distribution got NaN parameters
+                            if "found invalid values" not in str(e):
+                                raise
+                            value = math.nan
                         first = False
                         if not math.isfinite(value):
-                            where = self._path(CHECKPOINT_FILE) if self.out_dir else "none"
-                            raise NonFiniteLossError(
-                                f"the loss became {value} at epoch {epoch}, step {step + 1}; "
-                                f"training stopped (last good checkpoint: {where})"
-                            )
+                            raise self._non_finite(value, epoch, step + 1)
                         elbo_sum -= value * len(index) / n
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, elbo=f"{-value / n:.2f}", refresh=False)
@@ -487,7 +500,7 @@ class Trainer:
                     perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
                     if self.out_dir is not None and main:
                         write_metrics(self._path(METRICS_FILE), history)
-                        save_checkpoint(self._path(CHECKPOINT_FILE), snapshot(epoch, 0))
+                        self._save(snapshot(epoch, 0))
                     if write is not None:
                         write(_format_epoch(record))
                     if main:
@@ -499,6 +512,36 @@ class Trainer:
         finally:
             bar.close()
         return TrainResult(vae.eval(), cfg, history, data, epochs_run=cfg.train.epochs - epoch_done)
+
+    def _save(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint, and ``config.toml`` with the run's first one."""
+        if not self._saved:
+            self.config.save(self._path(CONFIG_FILE))
+            self._saved = True
+        save_checkpoint(self._path(CHECKPOINT_FILE), state)
+
+    def _non_finite(self, value: float, epoch: int, step: int) -> NonFiniteLossError:
+        """The error for a NaN or infinite loss; before any checkpoint, it names the likely cause."""
+        where = f"the loss became {value} at epoch {epoch}, step {step}"
+        started = self._saved if self.out_dir is not None else epoch > 1 or self.state is not None
+        if started:
+            last = self._path(CHECKPOINT_FILE) if self.out_dir is not None else "none"
+            return NonFiniteLossError(f"{where}; training stopped (last good checkpoint: {last})")
+        scale = float(self.data.train.abs().max())
+        lr = self.config.train.lr
+        causes = []
+        if scale > 100:
+            causes.append(
+                f"the scale of the data (values up to {scale:.3g}; scale them to order 1, "
+                "e.g. pixels 0-255 divided by 255)"
+            )
+        if lr > 0.01:
+            causes.append(f"the learning rate (lr = {lr:g}; try 1e-3)")
+        cause = " or ".join(causes) or (
+            f"the scale of the data (values up to {scale:.3g}) or the learning rate (lr = {lr:g})"
+        )
+        saved = "; nothing was saved" if self.out_dir is not None else ""
+        return NonFiniteStartError(f"{where}, before any checkpoint; likely cause: {cause}{saved}")
 
     def _epoch_record(
         self, epoch: int, train_elbo: float, evaluation: dict[str, torch.Tensor], seconds: float
@@ -524,7 +567,7 @@ class Trainer:
         if self.out_dir is None:
             raise TrainingInterrupted(f"interrupted at epoch {epoch}, step {step}", None)
         if state is not None and distributed.is_main():
-            save_checkpoint(self._path(CHECKPOINT_FILE), state)
+            self._save(state)
         raise TrainingInterrupted(
             f"interrupted at epoch {epoch}, step {step}; checkpoint saved; "
             f"resume with: pyro-vae train --resume {self.out_dir}",

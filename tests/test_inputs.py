@@ -1,0 +1,186 @@
+"""Bad input ends in one line and exit 2 with nothing written, or works correctly.
+
+Also: evaluation in bounded memory (streamed weight statistics equal the
+full-array ones) and refused up front when it would take absurdly long.
+"""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_vae
+from pyro_vae.cli import main
+from pyro_vae.evaluate import (
+    WeightStatistics,
+    effective_sample_size,
+    evaluate,
+    iwae_bounds,
+    log_importance_weights,
+    log_mean_exp,
+    pareto_khat,
+)
+
+FAST = ["--epochs", "1", "--latent-dim", "2", "--set", "model.encoder.hidden=[16]", "--quiet"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- a loss that is non-finite from the start -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(lambda rng: rng.normal(size=(200, 8)) * 1e30, id="values-near-1e30"),
+        pytest.param(lambda rng: rng.integers(0, 256, size=(200, 64)).astype(np.uint8), id="uint8"),
+    ],
+)
+def test_data_on_a_wild_scale_is_refused_in_one_line_leaving_nothing(tmp_path, capsys, values):
+    data = tmp_path / "data.npz"
+    x = values(np.random.default_rng(0))
+    np.savez(data, train=x.astype(np.float32) if x.dtype != np.uint8 else x)
+    out = tmp_path / "runs" / "wild"
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--dataset",
+        f"npz:{data}",
+        "--likelihood",
+        "normal",
+    ]
+    code, _, err = run([*argv, "--out", str(out)], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "before any checkpoint" in err and "scale of the data" in err
+    assert "Encountered NaN" not in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # the folders this run created are gone
+
+
+def test_a_nan_after_the_first_checkpoint_keeps_the_run(tmp_path):
+    def poison(epoch, step, loss):  # NaN weights after the first step of epoch 2
+        if epoch == 2 and step == 1:
+            with torch.no_grad():
+                for p in result_vae.parameters():
+                    p.fill_(math.nan)
+
+    config = pyro_vae.Config().override(
+        {"train.epochs": 2, "model.latent_dim": 2, "model.encoder.hidden": [16]}
+    )
+    result_vae = None
+
+    def keep(vae):
+        nonlocal result_vae
+        result_vae = vae
+
+    with pytest.raises(pyro_vae.NonFiniteLossError) as info:
+        pyro_vae.fit(config, tmp_path / "run", on_step=poison, initialize=keep)
+    assert not isinstance(info.value, pyro_vae.UserError)
+    assert "last good checkpoint" in str(info.value)
+    assert pyro_vae.read_metrics(tmp_path / "run")[-1]["epoch"] == 1
+
+
+def test_a_batch_larger_than_the_data_trains_full_batch_and_says_so(tmp_path, capsys):
+    argv = ["train", *FAST[:-1], "--batch-size", "100000", "--out", str(tmp_path / "r")]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert "train.batch_size 100000 > 1500 training data: every step uses all 1500" in out
+    assert pyro_vae.read_metrics(tmp_path / "r")[0]["gradient_steps"] == 1
+
+
+def test_ctrl_c_while_the_command_loads_exits_130_quietly():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.5)  # torch takes seconds to import: the signal lands mid-import
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert out == b""
+
+
+def test_importing_the_package_loads_no_torch():
+    code = "import sys, pyro_vae; assert 'torch' not in sys.modules; pyro_vae.Config"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_help_names_every_objective_and_every_listed_section(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    for name in pyro_vae.OBJECTIVES.names():
+        assert name in train_help
+    with pytest.raises(SystemExit):
+        main(["list", "--help"])
+    list_help = " ".join(capsys.readouterr().out.split())
+    assert main(["list"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        assert line.split(":")[0] in list_help
+
+
+# --- evaluation: bounded memory, refused when absurd -------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 5003])
+def test_streamed_weight_statistics_equal_the_full_array_ones(chunk):
+    torch.manual_seed(0)
+    k_total, batch, ks = 5003, 7, [1, 10, 100, 1000, 5000]
+    log_w = (torch.randn(k_total, batch) * torch.linspace(0.5, 3, batch)).double()
+    stats = WeightStatistics(k_total, batch, ks)
+    for start in range(0, k_total, chunk):
+        stats.update(log_w[start : start + chunk])
+    result = stats.result()
+    torch.testing.assert_close(result["log_likelihood"], log_mean_exp(log_w))
+    torch.testing.assert_close(result["ess"], effective_sample_size(log_w))
+    torch.testing.assert_close(result["mean"], log_w.mean(0))
+    for k, bound in iwae_bounds(log_w, ks).items():
+        torch.testing.assert_close(result[f"iwae_{k}"], bound)
+    np.testing.assert_array_equal(result["khat"], pareto_khat(log_w))  # the same tail fit
+
+
+def test_evaluate_streams_the_same_weights_log_importance_weights_returns(tiny_run):
+    _, trained = tiny_run
+    vae, x = trained.vae, trained.data.splits["test"][:30]
+    result = evaluate(vae, x, num_samples=300, batch_size=30, chunk_size=600, seed=3)
+    torch.manual_seed(3)
+    log_w = log_importance_weights(vae, x, 300, proposal=vae.posterior(x), chunk_size=600)
+    np.testing.assert_allclose(
+        result.per_datum["log_likelihood"], log_mean_exp(log_w.double()).numpy(), rtol=1e-6
+    )
+    np.testing.assert_array_equal(result.per_datum["khat"], pareto_khat(log_w))
+
+
+def test_an_absurdly_long_evaluation_is_refused_up_front_writing_nothing(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    before = sorted(p.name for p in run_dir.iterdir())
+    argv = ["evaluate", str(run_dir), "--num-samples", "100000000000000", "--quiet"]
+    process = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert process.returncode == 2
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    assert "would take about" in process.stderr and "valid K up to" in process.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before
