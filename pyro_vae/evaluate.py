@@ -337,7 +337,7 @@ class WeightStatistics:
 
 
 def _khat_from_tail(tail: torch.Tensor, num_samples: int) -> np.ndarray:
-    """arviz's PSIS :math:`\\hat k` of each column of ``K`` weights, given their largest ones."""
+    """PSIS :math:`\\hat k` (arviz) of each column of ``K`` weights, from their largest ones."""
     from arviz.stats.stats import _psislw
 
     values = tail.T.double().cpu().numpy()

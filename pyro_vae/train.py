@@ -521,7 +521,7 @@ class Trainer:
         save_checkpoint(self._path(CHECKPOINT_FILE), state)
 
     def _non_finite(self, value: float, epoch: int, step: int) -> NonFiniteLossError:
-        """The error for a NaN or infinite loss; before any checkpoint, it names the likely cause."""
+        """The error for a NaN or infinite loss; before any checkpoint it names the likely cause."""
         where = f"the loss became {value} at epoch {epoch}, step {step}"
         started = self._saved if self.out_dir is not None else epoch > 1 or self.state is not None
         if started:
