@@ -82,8 +82,10 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "pickle" in str(e).lower():
+        first = "damaged, or not a checkpoint written by pyro-vae"
+        if isinstance(e, OSError) and e.strerror:
+            first = e.strerror
+        elif "weights_only" in str(e) or "pickle" in str(e).lower():
             first = "not a file of plain tensors (damaged, or not written by pyro-vae)"
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first}; it is never unpickled as code"
@@ -132,7 +134,7 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
     if not (run_dir / CONFIG_FILE).exists():
         raise CheckpointError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
     try:
-        config = Config.load(run_dir / CONFIG_FILE)
+        config = Config.load(run_dir / CONFIG_FILE, relative_to_file=False)
         import_plugins(config.plugins)
     except PyroVAEError as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from None
@@ -151,7 +153,12 @@ def load_state(vae: VAE, state_dict: dict[str, torch.Tensor], where: str) -> Non
 
 
 def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> VAE:
-    """The trained VAE of a run directory, on ``device`` (CPU by default), in eval mode.
+    """The trained VAE of a run directory (see :func:`load_run`)."""
+    return load_run(run_dir, device)[0]
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[VAE, dict[str, Any]]:
+    """The trained VAE of a run directory, on ``device`` (CPU by default), in eval mode; its state.
 
     The run's plugins (``plugins`` in its ``config.toml``) are imported first;
     a component that no plugin registers is a one-line error naming the fix.
@@ -170,4 +177,4 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> VAE:
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the RNG be
         vae = build_vae(config.model, tuple(state["event_shape"]), state.get("num_data"))
     load_state(vae, state["model"], str(run_dir / CHECKPOINT_FILE))
-    return vae.to(device).eval()
+    return vae.to(device).eval(), state

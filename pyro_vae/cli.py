@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted, UserError
+from .errors import (
+    ConfigError,
+    NonFiniteLossError,
+    PyroVAEWarning,
+    TrainingInterrupted,
+    UserError,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -56,7 +65,12 @@ _RESUMABLE = {"epochs", "device"}
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="run config (TOML); flags override it")
     p.add_argument("--dataset", help="dataset name or npz:PATH (see `pyro-vae list`)")
-    p.add_argument("--data-dir", metavar="DIR", help="folder with local data files")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder with local data files (default: $PYRO_VAE_DATA, else the config's "
+        "data_dir, else ~/.cache/pyro-vae)",
+    )
     p.add_argument("--binarize", choices=["auto", "dynamic", "static", "none"])
     p.add_argument("--latent-dim", type=int, metavar="D")
     p.add_argument("--likelihood", help="likelihood name (see `pyro-vae list`)")
@@ -91,6 +105,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import Config, parse_override
+    from .data import DATA_ENV
     from .train import fit, resume
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -120,6 +135,8 @@ def _run_train(args: argparse.Namespace) -> int:
         config = Config.load(args.config) if args.config else Config()
         overrides = dict(parse_override(s) for s in args.set)
         overrides.update({_TRAIN_FLAGS[k]: v for k, v in given.items()})
+        if "data_dir" not in given and os.environ.get(DATA_ENV):  # flag > variable > config
+            overrides["data.data_dir"] = os.environ[DATA_ENV]
         config = config.override(overrides)
         if args.plugin:
             config = dataclasses.replace(config, plugins=(*config.plugins, *args.plugin))
@@ -363,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(command: str, message: Warning | str, category: type[Warning], *rest: Any) -> None:
+    """Print pyro-vae's own warnings as one line; others as Python does."""
+    if issubclass(category, PyroVAEWarning):
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"pyro-vae {command}: note: {message}", file=sys.stderr)  # under any bar
+    else:
+        _show_warning(message, category, *rest)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
     from . import build, em  # noqa: F401  (every component and method registered)
@@ -370,8 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        import_plugins(args.plugin)
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = partial(_note, args.command)
+            import_plugins(args.plugin)
+            return args.run(args)
     except UserError as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -101,6 +101,10 @@ class _Section:
         pass
 
 
+#: ``data.name`` of a user's array file: ``npz:PATH``.
+NPZ_PREFIX = "npz:"
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """Which data to train on and how to binarize it.
@@ -130,6 +134,21 @@ class DataConfig(_Section):
             raise ConfigError(
                 f"data.binarize: unknown mode {self.binarize!r}; valid: {', '.join(BINARIZE_MODES)}"
             )
+
+    def absolute(self, base: str | os.PathLike[str]) -> DataConfig:
+        """A copy with an absolute ``data_dir`` and ``npz:`` path (relative ones from ``base``).
+
+        ``~`` is expanded. A run records its paths this way, so it works from any folder.
+        """
+
+        def absolute_path(path: str) -> str:
+            return os.path.normpath(Path(base, Path(path).expanduser()).absolute())
+
+        name = self.name
+        if name.startswith(NPZ_PREFIX):
+            name = NPZ_PREFIX + absolute_path(name.removeprefix(NPZ_PREFIX))
+        data_dir = absolute_path(self.data_dir) if self.data_dir else self.data_dir
+        return dataclasses.replace(self, name=name, data_dir=data_dir)
 
 
 @dataclass(frozen=True)
@@ -321,15 +340,27 @@ class Config:
         atomic_write_bytes(Path(path), self.to_toml().encode())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Config:
-        """Read a TOML config file."""
+    def load(cls, path: str | os.PathLike[str], *, relative_to_file: bool = True) -> Config:
+        """Read a TOML config file.
+
+        Args:
+            path: The file.
+            relative_to_file: Read relative paths in it (``data.data_dir``, an
+                ``npz:`` dataset) relative to the file's folder, as whoever wrote
+                the file meant them. Off for the ``config.toml`` of a run
+                directory, whose paths are absolute (0.1/0.2 runs: relative to
+                the folder the run was trained from).
+        """
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text (TOML must be)") from None
-        return cls.from_toml(text)
+        config = cls.from_toml(text)
+        if relative_to_file:
+            config = dataclasses.replace(config, data=config.data.absolute(Path(path).parent))
+        return config
 
     def override(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys replaced, e.g. ``{"train.epochs": 5}``.

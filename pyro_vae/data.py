@@ -22,12 +22,13 @@ The data folder is ``--data-dir``, else ``$PYRO_VAE_DATA``, else
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import socket
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 from torch.distributions import constraints
 
+from .config import NPZ_PREFIX
 from .errors import DataError
+from .files import removing_new_folders
 from .registry import DATASETS
 
 DATA_ENV = "PYRO_VAE_DATA"
@@ -47,7 +50,6 @@ BINARIZED_MNIST_URL = (
 )
 SPLIT_ORDER = ("train", "valid", "test")
 #: The prefix of a user's array file as a dataset name, ``npz:PATH``.
-NPZ_PREFIX = "npz:"
 #: ``data.name`` of a run that :func:`pyro_vae.fit` trained on in-memory tensors.
 IN_MEMORY = "tensor"
 
@@ -219,18 +221,22 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 def _download(dataset: str, url: str, dest: Path) -> None:
     """Fetch ``url`` to ``dest`` atomically, or raise a one-line :class:`DataError`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     try:
         with (
             urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
-            open(tmp, "wb") as out,
+            removing_new_folders(dest.parent),  # a failed download leaves no empty folders
         ):
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, dest)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise DataError(
             f"{dataset}: not found in {dest.parent} and the download from {url} failed ({reason}); "
@@ -278,7 +284,7 @@ def _torchvision_dataset(
         import torchvision.datasets
 
         try:
-            with _socket_timeout(DOWNLOAD_TIMEOUT):
+            with _socket_timeout(DOWNLOAD_TIMEOUT), removing_new_folders(data_dir / klass / "raw"):
                 for train in (True, False):
                     getattr(torchvision.datasets, klass)(str(data_dir), train=train, download=True)
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError
@@ -457,6 +463,7 @@ class PreparedData:
         splits: Evaluation-ready data of every split, ``train`` included
             (binarized once, with the fixed seed, where binarization is on).
         labels: Labels per split, where the dataset has them.
+        fingerprint: :func:`fingerprint` of the data as loaded (before binarization).
     """
 
     name: str
@@ -464,6 +471,7 @@ class PreparedData:
     train: torch.Tensor
     splits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
+    fingerprint: str = ""
 
     @property
     def dynamic(self) -> bool:
@@ -496,4 +504,19 @@ def prepare(
             check_unit_interval(x, f"{dataset.name} {split}")
         splits = {s: binarize_static(x, binarize_seed, s) for s, x in dataset.splits.items()}
         train = dataset.splits["train"] if mode == "dynamic" else splits["train"]
-    return PreparedData(dataset.name, mode, train, splits, dict(dataset.labels))
+    return PreparedData(
+        dataset.name, mode, train, splits, dict(dataset.labels), fingerprint(dataset.splits)
+    )
+
+
+def fingerprint(splits: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of data: every split's name, dtype, shape and values.
+
+    A run records it; resuming on changed data is refused and evaluating warns.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        x = splits[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{x.dtype}:{tuple(x.shape)};".encode())
+        digest.update(x.numpy())
+    return digest.hexdigest()

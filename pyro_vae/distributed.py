@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError, TrainingInterrupted
+from .errors import ConfigError, PyroVAEWarning, TrainingInterrupted
 from .model import VAE
 
 #: Backend of the process group by device type.
@@ -347,7 +347,7 @@ class DistributedSVI:
             warnings.warn(
                 "free bits under distributed training clamp the KL averaged over each rank's "
                 "shard of the minibatch, not over the whole minibatch",
-                UserWarning,
+                PyroVAEWarning,
                 stacklevel=2,
             )
         self.vae = vae

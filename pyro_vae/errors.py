@@ -31,6 +31,10 @@ class RunInUseError(UserError):
     """Another process is writing to the run directory (it holds the directory's lock)."""
 
 
+class PyroVAEWarning(UserWarning):
+    """A note for the user (a fallback taken, data that changed); the CLI prints it as one line."""
+
+
 class NonFiniteLossError(PyroVAEError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 

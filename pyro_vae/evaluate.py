@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from .data import check_fits
 from .elbo import fit_local_posterior, refine_posterior
-from .errors import ConfigError, NonFiniteLossError, UserError
+from .errors import ConfigError, NonFiniteLossError, PyroVAEWarning, UserError
 from .exact import linear_gaussian
 from .files import atomic_write_bytes, run_lock
 from .model import DATA_PLATE, LATENT_SITE, VAE
@@ -932,15 +932,15 @@ def evaluate_run(
         DataError: a split the dataset lacks, or data that do not fit the model.
         ConfigError, UserError: as :func:`evaluate`.
     """
-    from .checkpoint import load
+    from .checkpoint import load_run
     from .train import resolve_device
 
     run_dir = Path(run_dir)
-    vae = load(run_dir, device=str(resolve_device(device)))  # a readable run, before the lock
+    vae, state = load_run(run_dir, device=str(resolve_device(device)))  # before the lock
     with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
         return _evaluate_run(
             vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
-            batch_size, chunk_size, seed, progress, write, max_seconds,
+            batch_size, chunk_size, seed, progress, write, max_seconds, state.get("data_sha256"),
         )  # fmt: skip
 
 
@@ -959,6 +959,7 @@ def _evaluate_run(
     progress: bool,
     write: bool,
     max_seconds: float | None,
+    data_sha256: str | None,
 ) -> Evaluation:
     from .build import resolve
     from .checkpoint import CONFIG_FILE
@@ -966,7 +967,7 @@ def _evaluate_run(
     from .errors import DataError
     from .train import load_data
 
-    config = resolve(Config.load(run_dir / CONFIG_FILE))
+    config = resolve(Config.load(run_dir / CONFIG_FILE, relative_to_file=False))
     cfg = config.eval
     num_samples = cfg.num_samples if num_samples is None else num_samples
     if iwae_k is None:
@@ -975,6 +976,14 @@ def _evaluate_run(
     if max_data is not None and max_data < 1:
         raise ConfigError(f"max_data must be >= 1, got {max_data}")
     data = load_data(config)
+    if data_sha256 and data.fingerprint != data_sha256:
+        warnings.warn(
+            f"the data of {run_dir} ({data.name}) changed since it was trained (SHA-256 "
+            f"{data.fingerprint[:12]}..., was {data_sha256[:12]}...); these numbers are for the "
+            "data as they are now",
+            PyroVAEWarning,
+            stacklevel=2,
+        )
     x = data.split(split)
     if tuple(x.shape[1:]) != vae.event_shape:
         raise DataError(

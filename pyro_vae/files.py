@@ -50,7 +50,12 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
             file in the way, a missing permission).
     """
     run_dir = Path(run_dir)
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    with removing_new_folders(run_dir, always=True), _locked(run_dir):
+        yield run_dir
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -75,13 +80,29 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
         except ImportError:  # pragma: no cover - no fcntl (Windows): no lock
             pass
         _check_writable(run_dir)
-        yield run_dir
+        yield
     finally:
         os.close(fd)
-        # a run that failed before writing anything leaves no empty folders behind
-        with suppress(OSError):
-            for folder in created:
-                folder.rmdir()
+
+
+@contextmanager
+def removing_new_folders(folder: str | os.PathLike[str], *, always: bool = False) -> Iterator[None]:
+    """Remove, if the block fails, the folders up to ``folder`` it created that are still empty.
+
+    A failed download or a run that failed before writing anything leaves no
+    empty folders behind. With ``always``, also after a block that succeeds.
+    """
+    folder = Path(folder).absolute()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if failed or always:
+            with suppress(OSError):
+                for path in created:
+                    path.rmdir()
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -38,7 +38,7 @@ from pyro.poutine import Trace
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
-from .errors import ConfigError
+from .errors import ConfigError, PyroVAEWarning
 from .model import kl_per_dim
 from .registry import OBJECTIVES
 
@@ -103,7 +103,7 @@ class MeanField_ELBO(TraceMeanField_ELBO):
                     f"elbo 'meanfield': no closed-form KL({q} || {p}) at latent site(s) "
                     f"{', '.join(self.kl_fallback)}; the KL term is estimated by Monte Carlo "
                     "(as with elbo 'trace')",
-                    UserWarning,
+                    PyroVAEWarning,
                     stacklevel=3,
                 )
         return super()._differentiable_loss_particle(model_trace, guide_trace)

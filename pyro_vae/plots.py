@@ -50,6 +50,12 @@ from .model import VAE
 KHAT_THRESHOLD = 0.7
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` when something on ``ax`` has a label (no matplotlib warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 # --- helpers --------------------------------------------------------------------
 
 
@@ -181,7 +187,7 @@ def plot_elbo(history: Sequence[Mapping[str, Any]]) -> Figure:
     _epoch_axis(ax)
     ax.set_ylabel("ELBO (nats per datum)")
     ax.set_title("ELBO")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -211,7 +217,7 @@ def plot_elbo_terms(history: Sequence[Mapping[str, Any]]) -> Figure:
     rec_ax.set_ylabel("nats per datum")
     for ax in (rec_ax, kl_ax):
         _epoch_axis(ax)
-        ax.legend()
+        _legend(ax)
     return fig
 
 
@@ -518,7 +524,7 @@ def compare_runs(
     from .train import load_data
 
     paths = [Path(run_a), Path(run_b)]
-    configs = [Config.load(p / CONFIG_FILE) for p in paths]
+    configs = [Config.load(p / CONFIG_FILE, relative_to_file=False) for p in paths]
     if configs[0].data.name != configs[1].data.name:
         raise DataError(
             f"the runs use different datasets ({configs[0].data.name} vs "
@@ -571,7 +577,7 @@ def plot_kl_per_dim(
         axes[1].yaxis.set_minor_formatter(NullFormatter())
         axes[1].set_ylabel(r"activity $\mathrm{Cov}_x(\mathbb{E}_q[z_d])$")
         axes[1].set_title(f"active units: {int(active.sum())} of {len(act)} (grey: inactive)")
-        axes[1].legend(fontsize=8)
+        _legend(axes[1], fontsize=8)
     axes[-1].set_xlabel("latent dimension d")
     if len(values) <= 32:
         axes[-1].set_xticks(dims)
@@ -635,7 +641,7 @@ def plot_iwae_bound(evaluation: Mapping[str, Any]) -> Figure:
     ax.set_xlabel("K (importance samples per datum)")
     ax.set_ylabel("nats per datum")
     ax.set_title("IWAE bound against K")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
@@ -713,7 +719,7 @@ def plot_ess(ess: Sequence[float] | np.ndarray, num_samples: int | None = None) 
     ax.set_xlabel("effective sample size per datum")
     ax.set_ylabel("data")
     ax.set_title("ESS of the importance weights")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return fig
 
 
@@ -764,7 +770,7 @@ def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
         ax.axvline(values.mean(), color="C1", label=f"mean {values.mean():.2f}")
         ax.set_title(GAPS[key], fontsize=10)
         ax.set_xlabel("nats")
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     axes[0].set_ylabel("data")
     return fig
 

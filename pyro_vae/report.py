@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load, read_metrics
 from .config import Config
-from .errors import CheckpointError, DataError, UserError
+from .errors import CheckpointError, DataError, PyroVAEWarning, UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -262,6 +263,7 @@ def _load_run(run_dir: Path) -> _Run:
         run.vae = load(run_dir)
     except UserError as e:
         run.problems["model"] = str(e)
+        _warn(f"the report of {run_dir} has no model figures: {e}")
         return run
     from .train import load_data
 
@@ -269,7 +271,13 @@ def _load_run(run_dir: Path) -> _Run:
         run.data = load_data(config)
     except UserError as e:
         run.problems["data"] = f"the data could not be loaded: {e}"
+        _warn(f"the report of {run_dir} has no data figures: the data could not be loaded: {e}")
     return run
+
+
+def _warn(message: str) -> None:
+    """Say on stderr (through the CLI) what a report leaves out, besides the page's note."""
+    warnings.warn(message, PyroVAEWarning, stacklevel=3)
 
 
 def _choose_split(run: _Run, split: str | None) -> str | None:

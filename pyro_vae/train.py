@@ -431,6 +431,7 @@ class Trainer:
                 "config": cfg.to_dict(),
                 "event_shape": list(data.event_shape),
                 "num_data": n,
+                "data_sha256": data.fingerprint,
                 "method": cfg.train.method,
                 "model": vae.state_dict(),
                 "strategy": strategy.state_dict(),
@@ -714,7 +715,8 @@ def _fit_config(
     initialize: Callable[[VAE], None] | None,
     hooks: dict[str, Any],
 ) -> TrainResult:
-    cfg = resolve(config)
+    # the run records absolute data paths: it evaluates and resumes from any folder
+    cfg = resolve(dataclasses.replace(config, data=config.data.absolute(Path.cwd())))
     method = _method(cfg)
     method.check(cfg)
     with _writer_lock(out_dir), _run_context(cfg) as device:
@@ -827,19 +829,63 @@ def _resume(
             f"{out_dir} was trained on in-memory data (fit(vae, data)); resume it from Python "
             "with the same data, or retrain"
         )
+    _check_unedited(saved, state, out_dir)
     cfg = resolve(config)
-    if distributed.is_main():
-        remove_stale_temporaries(out_dir)  # a SIGKILL mid-write leaves them; we hold the lock
-        if config != saved:  # the run's config.toml tells the truth about --epochs / --device
-            config.save(out_dir / CONFIG_FILE)
     with _run_context(cfg) as run_device:
         data = load_data(cfg)
+        recorded = state.get("data_sha256")
+        if recorded and recorded != data.fingerprint:
+            raise CheckpointError(
+                f"the data of {out_dir} ({cfg.data.name}) changed since it was trained "
+                f"(SHA-256 {data.fingerprint[:12]}..., was {recorded[:12]}...); resuming needs "
+                "the same data: restore them, or train a new run"
+            )
+        if distributed.is_main():
+            remove_stale_temporaries(out_dir)  # a SIGKILL mid-write leaves them; we hold the lock
+            if config != saved:  # config.toml tells the truth about --epochs / --device
+                config.save(out_dir / CONFIG_FILE)
         vae = build_vae(cfg.model, tuple(state["event_shape"]), num_data=state["num_data"])
         trainer = Trainer(
             cfg, vae.to(run_device), data, out_dir, state, progress=progress, log=log,
             on_step=on_step, callbacks=callbacks,
         )  # fmt: skip
         return trainer.run()
+
+
+def _check_unedited(saved: Config, state: Mapping[str, Any], out_dir: Path) -> None:
+    """Refuse a ``config.toml`` edited since the checkpoint (``--epochs``/``--device`` aside).
+
+    The checkpoint holds the config it was trained with; resuming cannot apply
+    an edit truthfully (Adam keeps its learning rate in its state, the
+    weights their shapes), so the changed keys are named instead.
+    """
+    try:
+        trained = _flat(Config.from_dict(state["config"]).to_dict())
+    except (KeyError, ConfigError):  # a checkpoint without a readable config: nothing to compare
+        return
+    now = _flat(saved.to_dict())
+    changed = sorted(
+        k for k in trained.keys() | now.keys()
+        if trained.get(k) != now.get(k) and k not in ("train.epochs", "train.device")
+    )  # fmt: skip
+    if changed:
+        shown = ", ".join(f"{k}: {trained.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise CheckpointError(
+            f"{out_dir / CONFIG_FILE} was edited since its checkpoint ({shown}{more}); resume "
+            "cannot apply edits (only --epochs and --device): undo them, or train a new run "
+            f"with --config {out_dir / CONFIG_FILE}"
+        )
+
+
+def _flat(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def with_guide(config: Config, guide: ComponentConfig) -> Config:
