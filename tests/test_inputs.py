@@ -184,3 +184,140 @@ def test_an_absurdly_long_evaluation_is_refused_up_front_writing_nothing(tiny_ru
     assert len(process.stderr.strip().splitlines()) == 1, process.stderr
     assert "would take about" in process.stderr and "valid K up to" in process.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+# --- paths, data files, resume -------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def fake_binarized_mnist(folder, n=30, seed=0):
+    """A stand-in ``binarized_mnist.npz`` (n images per split) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {
+        s: (rng.random((n, 784)) < 0.3).astype(np.float32) for s in ("train", "valid", "test")
+    }
+    np.savez(folder / "binarized_mnist.npz", **splits)
+    return folder
+
+
+def test_an_example_config_finds_the_data_from_any_folder(tmp_path, monkeypatch, capsys):
+    """cd /tmp && PYRO_VAE_DATA=... pyro-vae train --config <repo>/configs/prior-vamp.toml."""
+    data = fake_binarized_mnist(tmp_path / "datasets")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("PYRO_VAE_DATA", str(data))
+    config = REPO / "configs" / "prior-vamp.toml"
+    argv = ["train", "--config", str(config), "--epochs", "1", "--quiet", "--out", "run"]
+    argv += ["--set", "model.prior.pseudo_inputs=5", "--set", "train.batch_size=10"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert pyro_vae.Config.load(elsewhere / "run" / "config.toml").data.data_dir == str(data)
+
+
+def test_data_folder_precedence_flag_then_variable_then_config(tmp_path, monkeypatch, capsys):
+    good = fake_binarized_mnist(tmp_path / "good")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tmp_path / "configs" / "run.toml"
+    config.parent.mkdir()
+    # a data_dir in a config file is read relative to the file
+    config.write_text('[data]\nname = "binarized-mnist"\ndata_dir = "../good"\ndownload = false\n')
+    monkeypatch.chdir(empty)
+    argv = ["train", "--config", str(config), *FAST]
+
+    def data_dir_of(out, *extra):
+        code, _, err = run([*argv, *extra, "--out", str(tmp_path / out)], capsys)
+        return code, err
+
+    monkeypatch.delenv("PYRO_VAE_DATA", raising=False)
+    assert data_dir_of("config-only") == (0, "")  # the config's folder, relative to the file
+    monkeypatch.setenv("PYRO_VAE_DATA", str(empty))  # the variable beats the config
+    code, err = data_dir_of("variable")
+    assert code == 2 and f"in {empty}" in err
+    assert data_dir_of("flag", "--data-dir", str(good)) == (0, "")  # the flag beats both
+    monkeypatch.setenv("PYRO_VAE_DATA", str(good))
+    code, err = data_dir_of("flag-empty", "--data-dir", str(empty))
+    assert code == 2 and f"in {empty}" in err
+
+
+def test_a_run_on_an_npz_file_works_from_another_folder_and_notices_changed_data(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    x = (np.random.default_rng(0).random((40, 6)) < 0.5).astype(np.float32)
+    np.savez("data.npz", train=x, test=x[:10])
+    assert run(["train", *FAST, "--dataset", "npz:data.npz", "--out", "run"], capsys)[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    argv = ["evaluate", str(tmp_path / "run"), "--num-samples", "10", "--quiet"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and err == ""  # the recorded path is absolute
+    np.savez(tmp_path / "data.npz", train=1 - x, test=x[:10])  # the file changes
+    code, _, err = run(argv, capsys)
+    assert code == 0
+    assert err.startswith("pyro-vae evaluate: note: the data of") and err.count("\n") == 1
+    code, _, err = run(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"], capsys)
+    assert code == 2 and "changed since it was trained" in err and err.count("\n") == 1
+    assert pyro_vae.read_metrics(tmp_path / "run")[-1]["epoch"] == 1
+
+
+def test_resume_refuses_an_edited_config_naming_the_keys(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", *FAST, "--out", str(out)], capsys)[0] == 0
+    path = out / "config.toml"
+    original = path.read_text()
+    path.write_text(original.replace("lr = 0.001", "lr = 0.01"))
+    code, _, err = run(["train", "--resume", str(out), "--epochs", "2"], capsys)
+    assert code == 2 and "(train.lr: 0.001 -> 0.01)" in err and err.count("\n") == 1
+    assert path.read_text() == original.replace("lr = 0.001", "lr = 0.01")  # nothing rewritten
+    path.write_text(original)
+    assert run(["train", "--resume", str(out), "--epochs", "2"], capsys)[0] == 0
+
+
+def test_a_failed_download_leaves_no_folders(tmp_path):
+    from pyro_vae.data import _download
+
+    target = tmp_path / "cache" / "pyro-vae" / "binarized_mnist_train.amat"
+    with pytest.raises(pyro_vae.DataError, match="download from"):
+        _download("binarized-mnist", (tmp_path / "missing.amat").as_uri(), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_says_on_stderr_what_a_damaged_checkpoint_leaves_out(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    (run_dir / "checkpoint.pt").write_bytes(os.urandom(3000))
+    code, out, err = run(["report", str(run_dir)], capsys)
+    assert code == 0 and "report written" in out
+    assert err.startswith("pyro-vae report: note: the report of") and "checkpoint" in err
+    assert err.count("\n") == 1
+
+
+def test_the_meanfield_fallback_is_one_note_line(tmp_path, capsys):
+    argv = ["train", *FAST, "--prior", "vamp", "--set", "model.prior.pseudo_inputs=3"]
+    code, _, err = run([*argv, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0
+    assert err.startswith("pyro-vae train: note: elbo 'meanfield': no closed-form KL")
+    assert err.count("\n") == 1 and "Warning" not in err
+
+
+def test_an_em_report_draws_without_warnings(tmp_path):
+    import warnings
+
+    config = pyro_vae.Config().override(
+        {"train.method": "variational-em", "train.epochs": 1, "model.latent_dim": 2,
+         "model.encoder.hidden": [16], "model.decoder.hidden": [16]}
+    )  # fmt: skip
+    pyro_vae.fit_em(config, tmp_path / "em")
+    from pyro_vae.report import write_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(tmp_path / "em")
+    assert [str(w.message) for w in caught] == []
