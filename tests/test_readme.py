@@ -15,3 +15,24 @@ def test_readme_has_the_install_and_test_commands_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "ci:install" not in ci or "readme_command install" in ci
     assert 'eval "$install"' in ci and 'eval "$test"' in ci
+
+
+def test_every_python_block_of_the_readme_runs(tmp_path):
+    """The README's Python blocks, in order, as one script in an empty folder (offline)."""
+    import os
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 3
+    script = tmp_path / "readme.py"
+    script.write_text("\n\n".join(blocks))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env=env,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert (tmp_path / "runs" / "api" / "checkpoint.pt").exists()
+    assert (tmp_path / "runs" / "by-hand" / "checkpoint.pt").exists()
