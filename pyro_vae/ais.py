@@ -43,9 +43,11 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
+import pyro
 import torch
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch.distributions import Distribution
@@ -115,16 +117,33 @@ def _start_distribution(
     return vae.posterior(x, index)
 
 
-def _check_settings(
-    steps: int, chains: int, leapfrog_steps: int, step_size: float, target_accept: float
-) -> None:
-    for name, value in (("steps", steps), ("chains", chains), ("leapfrog_steps", leapfrog_steps)):
-        if int(value) != value or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value}")
-    if not step_size > 0:
-        raise ConfigError(f"step_size must be > 0, got {step_size}")
-    if not 0 < target_accept < 1:
-        raise ConfigError(f"target_accept must be in (0, 1), got {target_accept}")
+@dataclass(frozen=True)
+class _HMC:
+    """Settings of the HMC transitions (see :func:`ais_log_likelihood`)."""
+
+    leapfrog_steps: int
+    target_accept: float
+    adapt: bool
+    adapt_rate: float
+    jitter: float
+
+    def check(self, steps: int, chains: int, step_size: float | torch.Tensor) -> None:
+        for name, value in (
+            ("steps", steps),
+            ("chains", chains),
+            ("leapfrog_steps", self.leapfrog_steps),
+        ):
+            if int(value) != value or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value}")
+        smallest = float(torch.as_tensor(step_size).min())
+        if not smallest > 0:
+            raise ConfigError(f"step_size must be > 0, got {smallest}")
+        if not 0 < self.target_accept < 1:
+            raise ConfigError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if not 0 <= self.adapt_rate < 1:
+            raise ConfigError(f"adapt_rate must be in [0, 1), got {self.adapt_rate}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"jitter must be in [0, 1), got {self.jitter}")
 
 
 def _identity_kinetic_grad(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,11 +156,7 @@ def _anneal(
     z: torch.Tensor,
     betas: torch.Tensor,
     step_size: torch.Tensor,
-    *,
-    leapfrog_steps: int,
-    target_accept: float,
-    adapt: bool,
-    adapt_rate: float,
+    hmc: _HMC,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One AIS run along ``betas`` from ``z`` (``(C, B, D)``, distributed as ``f_{betas[0]}``).
 
@@ -153,8 +168,8 @@ def _anneal(
     over chains and data, which leaves each element's gradient its own), and a
     Metropolis test per (chain, datum).
 
-    ``step_size`` is ``(B,)`` (the first step size, adapted when ``adapt``) or
-    ``(T - 1, B)`` (a fixed schedule).
+    ``step_size`` is ``(B,)`` (the first step size, adapted when ``hmc.adapt``)
+    or ``(T - 1, B)`` (a fixed schedule).
 
     Returns:
         ``(log_w (C, B) float64, z (C, B, D), accepted (T - 1, C, B) bool,
@@ -163,25 +178,27 @@ def _anneal(
     chains, batch = z.shape[:2]
     steps = len(betas) - 1
     fixed = step_size.dim() == 2
-    eps = step_size if not fixed else None
+    eps = step_size
     log_w = torch.zeros(chains, batch, dtype=torch.float64, device=z.device)
-    accepted = torch.zeros(max(steps - 1, 0), chains, batch, dtype=torch.bool, device=z.device)
-    used = torch.zeros(max(steps - 1, 0), batch, dtype=z.dtype, device=z.device)
+    accepted = torch.zeros(steps - 1, chains, batch, dtype=torch.bool, device=z.device)
+    used = torch.zeros(steps - 1, batch, dtype=z.dtype, device=z.device)
     log_r, log_joint = log_parts(z)
+    stash: dict[str, _Parts] = {}  # what the potential last computed, per element
     for t in range(1, steps + 1):
         log_w += (betas[t] - betas[t - 1]).item() * (log_joint - log_r).double()
-        if t == steps:  # the last transition would move z, not the weights
+        if t == steps:  # a last transition would move z, not the weights
             break
         beta = betas[t].item()
-        stash: dict[str, _Parts] = {}
 
         def potential(zs: dict[str, torch.Tensor], beta: float = beta) -> torch.Tensor:
             parts = log_parts(zs[LATENT_SITE])
             stash["parts"] = (parts[0].detach(), parts[1].detach())
             return -((1 - beta) * parts[0] + beta * parts[1]).sum()
 
-        eps_t = step_size[t - 1] if fixed else eps
-        used[t - 1] = eps_t
+        used[t - 1] = eps_t = step_size[t - 1] if fixed else eps
+        eps_t = eps_t.unsqueeze(-1)
+        if hmc.jitter:  # drawn independently of z: the transition still leaves f_t invariant
+            eps_t = eps_t * (1 + hmc.jitter * (2 * torch.rand_like(z[..., :1]) - 1))
         momentum = torch.randn_like(z)
         with torch.enable_grad():
             grads, _ = potential_grad(potential, {LATENT_SITE: z})
@@ -190,23 +207,23 @@ def _anneal(
                 {LATENT_SITE: momentum},
                 potential,
                 _identity_kinetic_grad,
-                eps_t.unsqueeze(-1),
-                leapfrog_steps,
+                eps_t,
+                hmc.leapfrog_steps,
                 z_grads=grads,
             )
         z_new, p_new = z_new[LATENT_SITE], p_new[LATENT_SITE]
         log_r_new, log_joint_new = stash["parts"]
         energy = -((1 - beta) * log_r + beta * log_joint) + 0.5 * momentum.pow(2).sum(-1)
         energy_new = -((1 - beta) * log_r_new + beta * log_joint_new) + 0.5 * p_new.pow(2).sum(-1)
-        # NaN or infinite energies compare False: rejected
+        # Metropolis; a NaN or infinite new energy compares False: rejected
         accept = torch.rand_like(energy).log() < energy - energy_new
         accepted[t - 1] = accept
         z = torch.where(accept.unsqueeze(-1), z_new, z)
         log_r = torch.where(accept, log_r_new, log_r)
         log_joint = torch.where(accept, log_joint_new, log_joint)
-        if adapt and not fixed:
-            rate = accept.to(z.dtype).mean(0)
-            eps = torch.where(rate > target_accept, eps * (1 + adapt_rate), eps * (1 - adapt_rate))
+        if hmc.adapt and not fixed:
+            up = accept.to(eps.dtype).mean(0) > hmc.target_accept
+            eps = eps * torch.where(up, 1 + hmc.adapt_rate, 1 - hmc.adapt_rate)
     return log_w, z, accepted, used
 
 
@@ -215,7 +232,7 @@ def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _ess_and_stderr(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kish's ESS of ``C`` chain weights and the delta-method SE :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`.
+    """Kish's ESS of ``C`` weights and the delta-method SE :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`.
 
     The same formulas as :func:`pyro_vae.evaluate.effective_sample_size` and
     :func:`pyro_vae.evaluate.log_likelihood_mc_stderr` (Owen 2013, Sec. 9.3).
@@ -226,20 +243,24 @@ def _ess_and_stderr(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class AISResult:
-    """The result of :func:`ais_log_likelihood`; tensors are per datum (float64 where noted).
+    """The result of :func:`ais_log_likelihood`; per-datum tensors, float64 where noted.
 
     Args:
         log_likelihood: :math:`\\log \\hat p(x)`, ``(B,)`` float64.
         log_weights: :math:`\\log w`, ``(C, B)`` float64.
         mc_stderr: Delta-method Monte Carlo SE of ``log_likelihood`` from the
-            chains' ESS, :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`, ``(B,)``.
-        ess: Kish's effective sample size of the ``C`` weights, ``(B,)``.
+            chains' ESS, :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`, ``(B,)`` float64.
+        ess: Kish's effective sample size of the ``C`` weights, ``(B,)`` float64.
         acceptance_rate: HMC acceptance rate over chains and transitions,
-            ``(B,)`` (NaN when ``T = 1``: no transitions).
-        step_sizes: The leapfrog step size of each transition, ``(T - 1, B)``.
-        samples: The chains' last states, ``(C, B, D)``: weighted by
-            ``log_weights``, approximate posterior samples.
-        steps, chains, start, schedule, leapfrog_steps, target_accept, adapt: The settings.
+            ``(B,)`` float64 (NaN when ``T = 1``: no transitions).
+        step_sizes: The leapfrog step size of each transition, ``(T - 1, B)``
+            (before the jitter): pass it back as ``step_size`` to rerun with a
+            fixed schedule.
+        samples: The chains' last states :math:`z_{T-1}`, ``(C, B, D)``;
+            weighted by ``log_weights``, approximate posterior samples.
+        steps, chains, start, schedule, leapfrog_steps, target_accept, adapt,
+            adapt_rate, jitter: The settings (``adapt`` is False when a fixed
+            schedule was given).
     """
 
     log_likelihood: torch.Tensor
@@ -256,6 +277,8 @@ class AISResult:
     leapfrog_steps: int
     target_accept: float
     adapt: bool
+    adapt_rate: float
+    jitter: float
 
 
 @torch.no_grad()
@@ -263,7 +286,7 @@ def ais_log_likelihood(
     vae: VAE,
     x: torch.Tensor,
     *,
-    steps: int = 500,
+    steps: int = 1000,
     chains: int = 16,
     start: str = "guide",
     schedule: str = "sigmoid",
@@ -272,6 +295,7 @@ def ais_log_likelihood(
     target_accept: float = 0.65,
     adapt: bool = True,
     adapt_rate: float = 0.02,
+    jitter: float = 0.3,
     index: torch.Tensor | None = None,
 ) -> AISResult:
     """Per-datum :math:`\\log \\hat p(x)` by annealed importance sampling with HMC transitions.
@@ -280,55 +304,63 @@ def ais_log_likelihood(
 
         \\log f_t(z) = (1 - \\beta_t) \\log r(z) + \\beta_t \\big[\\log p(x|z) + \\log p(z)\\big],
 
-        \\log w_{cb} = \\sum_{t=1}^T (\\beta_t - \\beta_{t-1})
-            \\big[\\log p(x_b|z^{(c)}_{t-1}) + \\log p(z^{(c)}_{t-1}) - \\log r(z^{(c)}_{t-1})\\big],
+        \\log w_{cb} = \\sum_{t=1}^T (\\beta_t - \\beta_{t-1}) \\big[\\log p(x_b|z^{(c)}_{t-1})
+            + \\log p(z^{(c)}_{t-1}) - \\log r(z^{(c)}_{t-1})\\big],
 
-        \\log \\hat p(x_b) = \\operatorname{logsumexp}_c \\log w_{cb} - \\log C,
+        \\log \\hat p(x_b) = \\operatorname{logsumexp}_{c=1}^C \\log w_{cb} - \\log C,
 
-    with :math:`z_0 \\sim r`, the start distribution (the guide :math:`q(z|x)` or
-    the prior :math:`p(z)`; with the prior, :math:`\\log f_t = \\log p(z) + \\beta_t
-    \\log p(x|z)`), :math:`\\beta` from :func:`annealing_schedule`, and
+    with :math:`z_0 \\sim r`, the start distribution (the guide :math:`q(z|x)`
+    or the prior :math:`p(z)`; with the prior, :math:`\\log f_t = \\log p(z) +
+    \\beta_t \\log p(x|z)`), :math:`\\beta` from :func:`annealing_schedule`, and
     :math:`z_t` one HMC transition from :math:`z_{t-1}` that leaves
     :math:`f_t` invariant, for :math:`t = 1, \\dots, T-1` (the weights never
-    read :math:`z_T`). :math:`\\mathbb E[w] = p(x)` (Neal 2001), so the estimate
-    is unbiased on the linear scale and a stochastic lower bound in log.
-    ``T = 1`` is importance sampling with proposal :math:`r`: then
+    read :math:`z_T`, so it is not drawn). :math:`\\mathbb E[w] = p(x)` (Neal
+    2001): the estimate is unbiased on the linear scale and a stochastic lower
+    bound in log. ``T = 1`` is importance sampling with proposal :math:`r`:
     :math:`\\log w = \\log p(x|z) + \\log p(z) - \\log r(z)` exactly.
 
     HMC: unit mass matrix, a fresh momentum per transition, ``leapfrog_steps``
     steps of Pyro's ``velocity_verlet`` vectorized over ``(C, B)`` (the
     potential summed over chains and data: elements do not interact, so each
-    gets its own gradient), and a Metropolis test per (chain, datum).
+    gets its own gradient), and a Metropolis test per (chain, datum). Each
+    (chain, datum) multiplies the step size by a factor uniform in
+    ``[1 - jitter, 1 + jitter]``, drawn independently of the state, which
+    keeps the transition valid and avoids the near-periodic trajectories of a
+    fixed step size (Neal 2011, "MCMC using Hamiltonian dynamics", Sec. 5.4.2.2).
 
     Step size: one per datum, shared by its ``C`` chains. With ``adapt``, after
     each transition it is multiplied by ``1 + adapt_rate`` if the datum's
-    acceptance rate over the chains exceeded ``target_accept``, by
-    ``1 - adapt_rate`` otherwise (Wu et al. 2017, target 0.65). The step size
-    of transition ``t`` depends on the past acceptances only, the common
-    practice of Wu et al. 2017; strictly, Neal's unbiasedness argument needs
-    transitions chosen in advance, and this small bias can be removed by
-    passing a previous run's ``step_sizes`` back as ``step_size`` with
-    ``adapt=False`` (a fixed schedule: then the estimate is exactly AIS).
+    acceptance rate over its chains exceeded ``target_accept``, by
+    ``1 - adapt_rate`` otherwise (Wu et al. 2017: target 0.65, rate 0.02).
+    The step size of transition ``t`` thus depends on past acceptances, the
+    common practice of Wu et al. 2017; strictly, Neal's proof of
+    :math:`\\mathbb E[w] = p(x)` needs transitions fixed in advance. To remove
+    this (small) bias, rerun with a previous run's ``step_sizes`` as
+    ``step_size`` (a fixed schedule, no adaptation: exactly AIS).
 
     Draws come from torch's global random number generator: seed it with
     ``torch.manual_seed`` for reproducible numbers. Gradients are taken with
-    respect to ``z`` only, inside ``torch.enable_grad()``; everything else
-    runs under ``torch.no_grad()``.
+    respect to ``z`` only, inside ``torch.enable_grad()``; all else runs under
+    ``torch.no_grad()``. The data are checked against the likelihood's support
+    once (:func:`~pyro_vae.data.check_fits`); distributions built inside the
+    loop skip re-validation.
 
     Args:
-        vae: The model (call ``vae.eval()`` first if its networks use dropout
-            or batch norm).
+        vae: The model (in ``eval()`` mode if its networks use dropout or
+            batch norm).
         x: Data ``(B, *event_shape)``.
-        steps: ``T``, the number of intermediate distributions (weight increments).
+        steps: ``T``, the number of annealing steps (weight increments); the
+            cost is about ``(T - 1) (L + 1)`` decoder gradients of ``C B`` points.
         chains: ``C``, independent AIS chains per datum.
         start: ``"guide"`` (:math:`q(z|x)`) or ``"prior"``.
         schedule: ``"sigmoid"`` or ``"linear"`` (:func:`annealing_schedule`).
         leapfrog_steps: ``L``, leapfrog steps per HMC transition.
-        step_size: The first leapfrog step size (a float or a ``(B,)`` tensor),
-            or a fixed schedule ``(T - 1, B)``.
+        step_size: The first leapfrog step size (a float or a ``(B,)``
+            tensor), or a fixed schedule ``(T - 1, B)``.
         target_accept: The acceptance rate the adaptation aims at.
         adapt: Adapt the step size (ignored for a ``(T - 1, B)`` schedule).
         adapt_rate: Relative change of the step size per transition.
+        jitter: Relative half-width of the random step-size factor (0: none).
         index: Positions of ``x`` in the training set, for non-amortized guides.
 
     Returns:
@@ -344,72 +376,65 @@ def ais_log_likelihood(
         Wu, Burda, Salakhutdinov & Grosse (2017), "On the quantitative analysis
         of decoder-based generative models", Sec. 4.
     """
-    _check_settings(
-        steps, chains, leapfrog_steps, float(torch.as_tensor(step_size).min()), target_accept
-    )
+    hmc = _HMC(leapfrog_steps, target_accept, adapt, adapt_rate, jitter)
+    hmc.check(steps, chains, step_size)
     check_fits(x, vae.event_shape, vae.likelihood.support, type(vae.likelihood).__name__, "x")
-    r = _start_distribution(vae, x, start, index)
-    betas = annealing_schedule(steps, schedule)
-    z0 = r.sample((chains,))
-    return _run(vae, x, r, start == "prior", z0, betas, step_size, start, schedule,
-                leapfrog_steps, target_accept, adapt, adapt_rate)  # fmt: skip
+    with _no_validation():
+        r = _start_distribution(vae, x, start, index)
+        z0 = r.sample((chains,))
+        return _run(vae, x, r, z0, step_size, hmc, steps=steps, start=start,
+                    schedule=schedule, reverse=False)  # fmt: skip
 
 
-def _log_parts_fn(
-    vae: VAE, x: torch.Tensor, r: Distribution, start_is_prior: bool
-) -> Callable[[torch.Tensor], _Parts]:
-    """``z (C, B, D) -> (log r(z), log p(x|z) + log p(z))``, each ``(C, B)``."""
-    prior = vae.prior()
-
-    def log_parts(z: torch.Tensor) -> _Parts:
-        log_prior = prior.log_prob(z)
-        log_joint = vae.likelihood(z).log_prob(x) + log_prior
-        return (log_prior if start_is_prior else r.log_prob(z)), log_joint
-
-    return log_parts
+@contextmanager
+def _no_validation() -> Iterator[None]:
+    """Distributions skip argument validation inside; Pyro's and torch's flags are restored."""
+    previous = Distribution._validate_args  # pyro.validation_enabled restores Pyro's flag only
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        Distribution.set_default_validate_args(previous)
 
 
 def _run(
     vae: VAE,
     x: torch.Tensor,
     r: Distribution,
-    start_is_prior: bool,
     z0: torch.Tensor,
-    betas: torch.Tensor,
     step_size: float | torch.Tensor,
+    hmc: _HMC,
+    *,
+    steps: int,
     start: str,
     schedule: str,
-    leapfrog_steps: int,
-    target_accept: float,
-    adapt: bool,
-    adapt_rate: float,
+    reverse: bool,
 ) -> AISResult:
+    """AIS from ``z0`` ``(C, B, D)``: forward (``r`` to the posterior) or ``reverse``."""
     chains, batch = z0.shape[:2]
-    steps = len(betas) - 1
     eps = torch.as_tensor(step_size, dtype=z0.dtype, device=z0.device)
     if eps.dim() == 2:
         if tuple(eps.shape) != (steps - 1, batch):
             raise ConfigError(
-                f"a step-size schedule must have shape ({steps - 1}, {batch}) "
-                f"(T - 1, B), got {tuple(eps.shape)}"
+                f"a step-size schedule must have shape (T - 1, B) = ({steps - 1}, {batch}), "
+                f"got {tuple(eps.shape)}"
             )
+        hmc = replace(hmc, adapt=False)
     else:
         eps = eps.expand(batch).clone()
-    log_w, z, accepted, used = _anneal(
-        _log_parts_fn(vae, x, r, start_is_prior),
-        z0,
-        betas,
-        eps,
-        leapfrog_steps=leapfrog_steps,
-        target_accept=target_accept,
-        adapt=adapt,
-        adapt_rate=adapt_rate,
-    )
+    betas = annealing_schedule(steps, schedule)
+    if reverse:
+        betas = betas.flip(0)
+    prior = vae.prior()
+
+    def log_parts(z: torch.Tensor) -> _Parts:
+        log_prior = prior.log_prob(z)
+        log_joint = vae.likelihood(z).log_prob(x) + log_prior
+        return (log_prior if start == "prior" else r.log_prob(z)), log_joint
+
+    log_w, z, accepted, used = _anneal(log_parts, z0, betas, eps, hmc)
     ess, stderr = _ess_and_stderr(log_w)
-    if len(accepted):
-        rate = accepted.double().mean((0, 1))
-    else:
-        rate = torch.full((batch,), math.nan, dtype=torch.float64, device=z.device)
+    rate = accepted.double().mean((0, 1)) if steps > 1 else torch.full_like(ess, math.nan)
     return AISResult(
         log_likelihood=_log_mean_exp(log_w),
         log_weights=log_w,
@@ -422,9 +447,11 @@ def _run(
         chains=chains,
         start=start,
         schedule=schedule,
-        leapfrog_steps=leapfrog_steps,
-        target_accept=target_accept,
-        adapt=adapt and eps.dim() == 1,
+        leapfrog_steps=hmc.leapfrog_steps,
+        target_accept=hmc.target_accept,
+        adapt=hmc.adapt,
+        adapt_rate=hmc.adapt_rate,
+        jitter=hmc.jitter,
     )
 
 
@@ -434,16 +461,17 @@ class BDMCResult:
 
     Args:
         lower: Forward AIS :math:`\\log \\hat p(x)`, a stochastic lower bound.
-        upper: Reverse AIS :math:`-\\log \\widehat{1/p(x)}`, a stochastic upper bound.
+        upper: Reverse AIS :math:`-\\log \\frac1C \\sum_c w^{\\mathrm{rev}}_c`,
+            a stochastic upper bound.
         gap: ``upper - lower``.
         lower_stderr, upper_stderr: Delta-method Monte Carlo SEs of each, from
-            the ESS of the chain weights.
+            the ESS of its chain weights.
         x: The simulated data ``(N, *event_shape)``.
         z: The latents they were drawn from, ``(N, D)``: exact posterior samples.
         forward: The forward run.
-        reverse_log_weights: The reverse chains' log weights ``(C, N)``, each
-            an unbiased estimate of :math:`1/p(x)` on the linear scale.
-        reverse_acceptance_rate: HMC acceptance rate of the reverse chains.
+        reverse: The reverse run: its ``log_weights`` ``(C, N)`` are
+            :math:`\\log w^{\\mathrm{rev}}`, each unbiased for :math:`1/p(x)` on
+            the linear scale, and its ``log_likelihood`` is ``-upper``.
     """
 
     lower: torch.Tensor
@@ -454,8 +482,7 @@ class BDMCResult:
     x: torch.Tensor
     z: torch.Tensor
     forward: AISResult
-    reverse_log_weights: torch.Tensor
-    reverse_acceptance_rate: torch.Tensor
+    reverse: AISResult
 
     @property
     def mean_lower(self) -> float:
@@ -469,7 +496,7 @@ class BDMCResult:
 
     @property
     def mean_gap(self) -> float:
-        """The gap averaged over the data: a bound on the mean error of either estimate."""
+        """The gap averaged over the data: in expectation, a bound on the mean error of either."""
         return float(self.gap.mean())
 
 
@@ -478,7 +505,7 @@ def bdmc(
     vae: VAE,
     num_data: int,
     *,
-    steps: int = 500,
+    steps: int = 1000,
     chains: int = 16,
     start: str = "prior",
     schedule: str = "sigmoid",
@@ -487,46 +514,59 @@ def bdmc(
     target_accept: float = 0.65,
     adapt: bool = True,
     adapt_rate: float = 0.02,
+    jitter: float = 0.3,
 ) -> BDMCResult:
     """Sandwich :math:`\\log p(x)` of simulated data between forward and reverse AIS.
 
-    Simulate :math:`z^*_n \\sim p(z)`, :math:`x_n \\sim p(x|z^*_n)`; then
-    :math:`z^*_n` is an exact sample of :math:`p(z|x_n) = f_T / Z_T`.
+    Simulate :math:`z^*_n \\sim p(z)`, :math:`x_n \\sim p(x|z^*_n)`
+    (``vae.likelihood(z).sample()``); then :math:`z^*_n` is an exact sample of
+    :math:`p(z|x_n) = f_T / Z_T`.
 
-    * Forward AIS (:func:`ais_log_likelihood`, from :math:`r` to the posterior):
-      :math:`\\mathbb E[w] = p(x)`, so :math:`\\mathbb E[\\text{lower}] \\le \\log p(x)`.
+    * Forward AIS (:func:`ais_log_likelihood` from :math:`r`, the prior by
+      default): :math:`\\mathbb E[w] = p(x)`, so
+      :math:`\\mathbb E[\\text{lower}] \\le \\log p(x)` (Jensen).
     * Reverse AIS: the same path walked from :math:`\\beta_T = 1` down to
-      :math:`\\beta_0 = 0`, all ``C`` chains starting at :math:`z^*`,
-      transitions leaving :math:`f_{t-1}` invariant after each increment:
+      :math:`\\beta_0 = 0`, all ``C`` chains starting at :math:`z^*_n`, with
+      an HMC transition leaving :math:`f_{t-1}` invariant after each
+      increment but the last. It is forward AIS from the normalized
+      :math:`f_T / p(x)` to :math:`f_0 = r` (:math:`Z_0 = 1`), so
 
       .. math::
 
           \\log w^{\\mathrm{rev}} = \\sum_{t=T}^{1}
               \\big[\\log f_{t-1}(z_t) - \\log f_t(z_t)\\big],
-          \\qquad \\mathbb E\\big[w^{\\mathrm{rev}}\\big] = Z_0 / Z_T = 1 / p(x),
+          \\qquad \\mathbb E\\big[w^{\\mathrm{rev}}\\big] = \\frac{Z_0}{Z_T} = \\frac{1}{p(x)},
 
           \\text{upper} = -\\log \\frac1C \\sum_{c=1}^C w^{\\mathrm{rev}}_c,
-          \\qquad \\mathbb E[\\text{upper}] \\ge \\log p(x)
+          \\qquad \\mathbb E[\\text{upper}] \\ge -\\log \\mathbb E\\big[w^{\\mathrm{rev}}\\big]
+          = \\log p(x)
 
-      (Jensen on :math:`-\\log`; Grosse et al. 2015, Sec. 4). Written with
-      the forward-direction sum :math:`\\log \\tilde w = -\\log w^{\\mathrm{rev}}`,
-      it is :math:`-\\log \\frac1C \\sum_c \\exp(-\\log \\tilde w_c)`, a
-      harmonic mean (Wu et al. 2017, Sec. 4.1).
+      (Jensen on the convex :math:`-\\log`; Grosse, Ghahramani & Adams 2015,
+      Sec. 3-4; Wu et al. 2017, Sec. 4.1). With :math:`\\log \\tilde w =
+      -\\log w^{\\mathrm{rev}}`, the sum written in the forward direction, it is
+      :math:`-\\log \\frac1C \\sum_c \\exp(-\\log \\tilde w_c)`.
 
-    The reverse chains use the forward run's step sizes, in reverse order and
-    without adaptation: a schedule fixed before they start, so their weights
-    are exactly those of AIS and the upper bound holds in expectation. The
-    gap ``upper - lower`` bounds, in expectation, the error of either
-    estimate on data from the model (not on real data, whose posterior
-    samples are unknown).
+    The reverse chains use the forward run's step sizes in reverse order,
+    without adaptation: a schedule fixed before they start, so, given the
+    forward run, their weights are exactly those of AIS. The gap
+    ``upper - lower`` bounds, in expectation, the error of either estimate on
+    data simulated from the model (not on real data, whose exact posterior
+    samples are unknown: there it says how many steps suffice).
 
     Args:
         vae: The model.
         num_data: ``N``, the number of simulated data.
-        steps, chains, start, schedule, leapfrog_steps, step_size,
-            target_accept, adapt, adapt_rate: As in :func:`ais_log_likelihood`
-            (``start`` is also where the reverse chains end; default the prior,
-            as in Wu et al. 2017).
+        steps: ``T``, as in :func:`ais_log_likelihood`, for both directions.
+        chains: ``C`` per datum and direction.
+        start: ``"prior"`` (as in Wu et al. 2017) or ``"guide"``: where the
+            forward chains start and the reverse chains end.
+        schedule: As in :func:`ais_log_likelihood`.
+        leapfrog_steps: As in :func:`ais_log_likelihood`.
+        step_size: The forward run's first step size.
+        target_accept: As in :func:`ais_log_likelihood` (forward run).
+        adapt: As in :func:`ais_log_likelihood` (forward run).
+        adapt_rate: As in :func:`ais_log_likelihood` (forward run).
+        jitter: As in :func:`ais_log_likelihood`, for both directions.
 
     Returns:
         A :class:`BDMCResult`.
@@ -536,31 +576,27 @@ def bdmc(
         using bidirectional Monte Carlo".
         Wu, Burda, Salakhutdinov & Grosse (2017), "On the quantitative analysis
         of decoder-based generative models".
+        Neal (2001), "Annealed importance sampling".
     """
     if int(num_data) != num_data or num_data < 1:
         raise ConfigError(f"num_data must be an integer >= 1, got {num_data}")
-    _check_settings(steps, chains, leapfrog_steps, step_size, target_accept)
-    z_star = vae.prior().sample((num_data,))
-    x = vae.likelihood(z_star).sample()
+    hmc = _HMC(leapfrog_steps, target_accept, adapt, adapt_rate, jitter)
+    hmc.check(steps, chains, step_size)
+    with _no_validation():
+        z_star = vae.prior().sample((num_data,))
+        x = vae.likelihood(z_star).sample()
     forward = ais_log_likelihood(
-        vae,
-        x,
-        steps=steps,
-        chains=chains,
-        start=start,
-        schedule=schedule,
-        leapfrog_steps=leapfrog_steps,
-        step_size=step_size,
-        target_accept=target_accept,
-        adapt=adapt,
-        adapt_rate=adapt_rate,
-    )
-    r = _start_distribution(vae, x, start, None)
-    betas = annealing_schedule(steps, schedule).flip(0)
-    z0 = z_star.expand(chains, *z_star.shape).clone()
-    reverse = _run(vae, x, r, start == "prior", z0, betas, forward.step_sizes.flip(0),
-                   start, schedule, leapfrog_steps, target_accept, False, adapt_rate)  # fmt: skip
-    upper = -_log_mean_exp(reverse.log_weights)
+        vae, x, steps=steps, chains=chains, start=start, schedule=schedule, step_size=step_size,
+        leapfrog_steps=leapfrog_steps, target_accept=target_accept, adapt=adapt,
+        adapt_rate=adapt_rate, jitter=jitter,
+    )  # fmt: skip
+    with _no_validation():
+        r = _start_distribution(vae, x, start, None)
+        z0 = z_star.expand(chains, *z_star.shape).clone()
+        schedule_back = forward.step_sizes.flip(0)
+        reverse = _run(vae, x, r, z0, schedule_back, hmc, steps=steps, start=start,
+                       schedule=schedule, reverse=True)  # fmt: skip
+    upper = -reverse.log_likelihood
     return BDMCResult(
         lower=forward.log_likelihood,
         upper=upper,
@@ -570,6 +606,5 @@ def bdmc(
         x=x,
         z=z_star,
         forward=forward,
-        reverse_log_weights=reverse.log_weights,
-        reverse_acceptance_rate=reverse.acceptance_rate,
+        reverse=reverse,
     )

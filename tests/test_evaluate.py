@@ -233,12 +233,65 @@ def test_refinement_reaches_the_optimal_diagonal_normal():
     torch.manual_seed(0)
     refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)
     best = lg.optimal_diagonal(x)
-    assert refined.steps < 2000  # stopped by the tolerance, not the cap
+    assert refined.steps < 2000 + 1200  # stopped by the tolerance, not the cap
     # stochastic optimization: within a few hundredths of a posterior sd of the optimum
     torch.testing.assert_close(refined.loc, best.base_dist.loc, rtol=0, atol=0.05)
     torch.testing.assert_close(refined.scale, best.base_dist.scale, rtol=0.05, atol=0)
     elbo_gap = lg.elbo(x, best) - lg.elbo(x, refined.distribution())
-    assert (elbo_gap >= 0).all() and elbo_gap.mean() < 0.01
+    assert (elbo_gap >= 0).all() and elbo_gap.mean() < 0.002
+
+
+@pytest.mark.parametrize("latent_dim", [2, 8])
+def test_the_refined_q_star_falls_short_of_the_exact_optimum_by_under_0_002_nats(latent_dim):
+    """Linear-Gaussian model: ELBO(q) = log p(x) - KL(q || p(z|x)) in closed form."""
+    vae = linear_vae(latent_dim=latent_dim)
+    lg = linear_gaussian(vae)
+    x = sample_data(vae, 40)
+    q = shifted_diagonal(lg, shift=1.0, inflate=2.0)(x)
+    torch.manual_seed(0)
+    refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)
+    shortfall = lg.elbo(x, lg.optimal_diagonal(x)) - lg.elbo(x, refined.distribution())
+    assert shortfall.min() >= 0 and shortfall.mean() <= 0.002
+
+
+def _gauss_hermite_elbo(vae, x, loc, log_scale, points=40):
+    """ELBO of diagonal Normals (B, 2) by a tensor Gauss-Hermite rule: deterministic, smooth."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+    weights = weights / weights.sum()
+    n = torch.as_tensor(np.stack(np.meshgrid(nodes, nodes, indexing="ij"), -1).reshape(-1, 2))
+    w = torch.as_tensor(np.outer(weights, weights).reshape(-1))
+    z = loc.unsqueeze(0) + log_scale.exp().unsqueeze(0) * n.unsqueeze(1)  # (P, B, 2)
+    log_joint = vae.likelihood(z).log_prob(x) + vae.prior().log_prob(z)
+    entropy = (log_scale + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+    return (w.unsqueeze(1) * log_joint).sum(0) + entropy
+
+
+def test_the_refined_q_star_reaches_the_quadrature_optimum_of_a_2d_model():
+    """A tanh decoder (no closed form): the exact optimum by L-BFGS on a quadrature ELBO."""
+    vae = linear_vae(hidden=[16])
+    x = sample_data(vae, 20)
+    with torch.no_grad():
+        q = vae.posterior(x)
+    loc = q.base_dist.loc.detach().clone().requires_grad_(True)
+    log_scale = q.base_dist.scale.detach().log().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [loc, log_scale], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -_gauss_hermite_elbo(vae, x, loc, log_scale).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.manual_seed(0)
+    refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)
+    with torch.no_grad():
+        best = _gauss_hermite_elbo(vae, x, loc, log_scale)
+        ours = _gauss_hermite_elbo(vae, x, refined.loc, refined.scale.log())
+    shortfall = best - ours
+    assert shortfall.min() >= -1e-9 and shortfall.mean() <= 0.002
 
 
 def test_gap_decomposition_against_closed_forms():
@@ -492,6 +545,7 @@ def test_cli_run_directory_without_checkpoint(tmp_path, capsys):
 @pytest.mark.skipif("full-rank" not in GUIDES.names(), reason="no full-rank guide registered")
 def test_cli_gaps_on_a_guide_that_cannot_be_refined(tmp_path, capsys):
     train_ppca(tmp_path / "full", "--guide", "full-rank")
+    capsys.readouterr()  # the training's own note
     args = ["evaluate", str(tmp_path / "full"), "--num-samples", "20", "--gaps"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
