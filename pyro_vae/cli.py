@@ -255,6 +255,52 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare ----------------------------------------------------------------------------
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae compare``."""
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    p.add_argument("--split", default="test", help="test, valid or train (default test)")
+    p.add_argument(
+        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
+    )
+    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
+    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--max-hours", type=float, default=24.0, metavar="H",
+        help="refuse, before sampling, an evaluation estimated to take longer (default 24)",
+    )  # fmt: skip
+    p.add_argument("--out", default=".", metavar="DIR", help="where comparison.json goes (.)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Evaluate runs on the same data; print and write the paired differences."""
+    from .evaluate import compare_runs, write_comparison
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for comparison.json")
+    if len(args.run_dirs) < 2:
+        raise ConfigError("compare needs at least two run directories")
+    comparison = compare_runs(
+        args.run_dirs,
+        split=args.split,
+        num_samples=args.num_samples,
+        max_data=args.max_data,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+        max_seconds=_positive_hours(args.max_hours) * 3600,
+    )
+    if not args.quiet:
+        print(comparison.table())
+    print(f"wrote {write_comparison(comparison, out)}")
+    return 0
+
+
 # --- report and sample ---------------------------------------------------------------
 
 
@@ -352,6 +398,11 @@ COMMANDS: dict[
         "log p(x) by importance sampling, IWAE bounds, ESS, k-hat and gaps",
         add_evaluate_arguments,
         run_evaluate,
+    ),
+    "compare": (
+        "log p(x) of several runs on the same data, with paired differences",
+        add_compare_arguments,
+        run_compare,
     ),
     "report": ("write RUN_DIR/report.html (figures, metrics)", add_report_arguments, run_report),
     "sample": ("decode prior samples of a run into a PNG grid", add_sample_arguments, run_sample),

@@ -80,6 +80,11 @@ PROPOSALS = ("guide", "prior")
 KHAT_THRESHOLD = 0.7
 #: Fewest samples for which arviz can fit the Pareto tail (more than 4 tail draws).
 MIN_KHAT_SAMPLES = 25
+#: What the two errors of a mean log p(x) are (``evaluation.json`` carries these labels).
+ERROR_LABELS = {
+    "log_likelihood_stderr": "SE over data: standard deviation of the per-datum log p(x) / sqrt(n)",
+    "log_likelihood_mc_stderr": "Monte Carlo SE: the error of the mean from the K draws alone",
+}
 #: File names written into the run directory by :func:`evaluate_run`.
 EVALUATION_FILE = "evaluation.json"
 PER_DATUM_FILE = "evaluation_per_datum.npz"
@@ -521,8 +526,8 @@ class Evaluation:
             f"split {s.get('split') or '-'}: {s['num_data']} data, K = {s['num_samples']} "
             f"importance samples from the {s['proposal']}, seed {s['seed']}",
             f"  log p(x)           {s['log_likelihood']:10.3f}  "
-            f"± {s['log_likelihood_stderr']:.3f} (stderr over data; "
-            f"Monte Carlo ± {s['log_likelihood_mc_stderr']:.3f})",
+            f"± {s['log_likelihood_stderr']:.3f} (SE over data; "
+            f"Monte Carlo SE {s['log_likelihood_mc_stderr']:.3f})",
         ]
         if s.get("exact_log_likelihood") is not None:
             lines.append(f"  exact log p(x)     {s['exact_log_likelihood']:10.3f}  (closed form)")
@@ -852,6 +857,7 @@ def _summarize(
         "log_likelihood_mc_stderr": float(
             np.sqrt(np.sum(per_datum["log_likelihood_mc_stderr"] ** 2)) / n
         ),
+        "errors": dict(ERROR_LABELS),
         "elbo": None,
         "elbo_stderr": None,
         "iwae": {str(k): float(np.mean(per_datum[f"iwae_{k}"])) for k in ks},
@@ -964,6 +970,7 @@ def _evaluate_run(
     from .build import resolve
     from .checkpoint import CONFIG_FILE
     from .config import Config
+    from .data import fingerprint
     from .errors import DataError
     from .train import load_data
 
@@ -1012,6 +1019,7 @@ def _evaluate_run(
         max_seconds=max_seconds,
     )
     result.summary["run_dir"] = str(run_dir)
+    result.summary["data_sha256"] = fingerprint({split: x})  # the points evaluated
     if write:
         summary = _json_safe(result.summary)
         text = json.dumps(summary, indent=2) + "\n"
@@ -1029,3 +1037,151 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return _finite_or_none(value)
     return value
+
+
+# --- paired comparisons of runs --------------------------------------------------
+
+COMPARISON_FILE = "comparison.json"
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_runs` returns.
+
+    Args:
+        evaluations: One :class:`Evaluation` per run, on the same data points.
+        summary: The numbers written to ``comparison.json``: ``runs`` (each
+            run's mean log p(x), SE over data, Monte Carlo SE) and ``pairs``
+            (each difference with its paired SE and Monte Carlo SE).
+    """
+
+    evaluations: list[Evaluation]
+    summary: dict[str, Any]
+
+    def table(self) -> str:
+        """A readable table: each run, then each pairwise difference."""
+        s = self.summary
+        lines = [
+            f"split {s['split']}: the same {s['num_data']} data for every run, "
+            f"K = {s['num_samples']} importance samples"
+        ]
+        for i, run in enumerate(s["runs"]):
+            lines.append(
+                f"  [{i}] {run['log_likelihood']:10.3f}  ± {run['se_over_data']:.3f} (SE over "
+                f"data; Monte Carlo SE {run['monte_carlo_se']:.3f})  {run['run_dir']}"
+            )
+        for pair in s["pairs"]:
+            lines.append(
+                f"  [{pair['a']}] - [{pair['b']}] {pair['difference']:8.3f}  "
+                f"± {pair['paired_se']:.3f} (paired SE; Monte Carlo SE "
+                f"{pair['monte_carlo_se']:.3f}; separate SEs would give "
+                f"± {pair['separate_se']:.3f})"
+            )
+        return "\n".join(lines)
+
+
+def paired_difference(
+    a: Evaluation | dict[str, np.ndarray], b: Evaluation | dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Mean difference of per-datum log p(x) of two models on the same data, and its errors.
+
+    With :math:`d_i = \\log \\hat p_A(x_i) - \\log \\hat p_B(x_i)`, the paired SE
+    is :math:`\\mathrm{sd}(d) / \\sqrt n`: the spread of the data cancels from
+    both models, so it is smaller than :math:`\\sqrt{\\mathrm{SE}_A^2 + \\mathrm{SE}_B^2}`
+    (``separate_se``) when the models agree on which data are hard. The Monte
+    Carlo SE combines the two runs' independent draws:
+    :math:`\\sqrt{\\sum_i (s_{A,i}^2 + s_{B,i}^2)} / n`.
+    """
+    per_a = a.per_datum if isinstance(a, Evaluation) else a
+    per_b = b.per_datum if isinstance(b, Evaluation) else b
+    la, lb = per_a["log_likelihood"], per_b["log_likelihood"]
+    if la.shape != lb.shape:
+        raise ConfigError(f"paired comparison of {len(la)} and {len(lb)} data: not the same data")
+    n = len(la)
+    difference, paired_se = _mean_and_stderr(la - lb)
+    mc = np.sqrt(np.sum(per_a["log_likelihood_mc_stderr"] ** 2))
+    mc_b = np.sqrt(np.sum(per_b["log_likelihood_mc_stderr"] ** 2))
+    return {
+        "difference": difference,
+        "paired_se": paired_se,
+        "monte_carlo_se": float(math.hypot(mc, mc_b) / n),
+        "separate_se": math.hypot(_mean_and_stderr(la)[1], _mean_and_stderr(lb)[1]),
+    }
+
+
+def compare_runs(
+    run_dirs: Sequence[str | Path],
+    *,
+    split: str = "test",
+    num_samples: int | None = None,
+    max_data: int | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    max_seconds: float | None = MAX_SECONDS,
+) -> Comparison:
+    """Evaluate runs on the same data points and compare them in pairs (:func:`paired_difference`).
+
+    Each run is evaluated by :func:`evaluate_run` (nothing is written into the
+    runs); the evaluated points must be the same for all (same dataset, split
+    and ``max_data``; checked by their SHA-256).
+
+    Raises:
+        ConfigError: fewer than two runs, or runs whose evaluation data differ.
+    """
+    if len(run_dirs) < 2:
+        raise ConfigError("compare needs at least two runs")
+    options = dict(
+        split=split, num_samples=num_samples, max_data=max_data, batch_size=batch_size,
+        chunk_size=chunk_size, seed=seed, device=device, progress=progress,
+        max_seconds=max_seconds, write=False,
+    )  # fmt: skip
+    evaluations = [evaluate_run(run, **options) for run in run_dirs]  # type: ignore[arg-type]
+    first = evaluations[0].summary
+    for run, evaluation in zip(run_dirs[1:], evaluations[1:], strict=True):
+        if evaluation.summary["data_sha256"] != first["data_sha256"]:
+            raise ConfigError(
+                f"{run} and {run_dirs[0]} are evaluated on different data ({split} split, "
+                f"{evaluation.summary['num_data']} and {first['num_data']} points); a paired "
+                "comparison needs runs on the same dataset"
+            )
+    runs = [
+        {
+            "run_dir": str(run),
+            "log_likelihood": e.summary["log_likelihood"],
+            "se_over_data": e.summary["log_likelihood_stderr"],
+            "monte_carlo_se": e.summary["log_likelihood_mc_stderr"],
+        }
+        for run, e in zip(run_dirs, evaluations, strict=True)
+    ]
+    pairs = [
+        {"a": i, "b": j, **paired_difference(evaluations[i], evaluations[j])}
+        for i in range(len(evaluations))
+        for j in range(i + 1, len(evaluations))
+    ]
+    summary = {
+        "split": split,
+        "num_data": first["num_data"],
+        "num_samples": first["num_samples"],
+        "seed": first["seed"],
+        "data_sha256": first["data_sha256"],
+        "runs": runs,
+        "pairs": pairs,
+        "errors": {
+            "se_over_data": ERROR_LABELS["log_likelihood_stderr"],
+            "monte_carlo_se": ERROR_LABELS["log_likelihood_mc_stderr"],
+            "paired_se": "paired SE: standard deviation of the per-datum differences / sqrt(n)",
+            "separate_se": "sqrt(SE_A^2 + SE_B^2): what treating the runs as independent gives",
+        },
+    }
+    return Comparison(evaluations, summary)
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
+    """Write ``out_dir/comparison.json`` atomically; returns its path."""
+    path = Path(out_dir) / COMPARISON_FILE
+    text = json.dumps(_json_safe(comparison.summary), indent=2) + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path

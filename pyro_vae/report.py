@@ -384,12 +384,13 @@ def _evaluation_rows(ev: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             value += f" &plusmn; {_fmt(se)}"
         meaning = (
             f"importance sampling, K = {k}, proposal {proposal}; {where}; "
-            "&plusmn; one standard error over the data"
+            "&plusmn; SE over data (the spread of log p(x) across data points; to compare two "
+            "models on the same data use the paired SE of <code>pyro-vae compare</code>)"
         )
         rows.append(("log-likelihood log p&#770;(x)", value, meaning))
     if (mc := number("log_likelihood_mc_stderr")) is not None:
         rows.append(
-            ("Monte Carlo error of log p&#770;(x)", _fmt(mc, 3), "standard error from the K draws")
+            ("Monte Carlo SE of log p&#770;(x)", _fmt(mc, 3), "error from the K draws alone")
         )
     if (exact := number("exact_log_likelihood")) is not None:
         rows.append(("exact log p(x)", _fmt(exact), "closed form (linear-Gaussian model)"))
