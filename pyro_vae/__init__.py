@@ -15,7 +15,8 @@ The modules form layers; each imports only from the layers below it
 5. ``elbo``, ``objectives``, ``data``, ``exact``, ``build``, ``checkpoint``:
    computations on a model, objectives, data, building and run directories;
 6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
-7. ``evaluate``, ``diagnostics``: evaluation; ``plots``, ``report``, ``course``: presentation;
+7. ``evaluate``, ``diagnostics``, ``ais``: evaluation; ``plots``, ``report``,
+   ``course``: presentation;
 8. ``cli``: the command line.
 
 Importing the package itself is cheap: the names below are loaded, with

@@ -24,7 +24,9 @@ transition :math:`\\mathcal T_t` that leaves :math:`f_t` invariant
 
 so that :math:`\\mathbb E[\\log \\hat p(x)] \\le \\log p(x)` (Jensen): a
 stochastic lower bound, tight as :math:`T \\to \\infty`. With ``T = 1`` it is
-plain importance sampling with proposal :math:`r`.
+plain importance sampling with proposal :math:`r`. The transitions must be
+fixed before the chains run (or depend on independent randomness only):
+HMC step sizes are tuned on separate pilot chains (:func:`ais_log_likelihood`).
 
 Bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015) simulates
 :math:`z^* \\sim p(z)`, :math:`x \\sim p(x|z^*)`, so that :math:`z^*` is an exact
@@ -45,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -60,6 +62,8 @@ from .model import LATENT_SITE, VAE
 STARTS = ("guide", "prior")
 #: Annealing schedules by name (see :func:`annealing_schedule`).
 SCHEDULES = ("sigmoid", "linear")
+#: Default number of pilot chains per datum that tune the step sizes.
+PILOT_CHAINS = 4
 #: Steepness :math:`\\delta` of the sigmoid schedule (Wu et al. 2017 use 4).
 SIGMOID_RADIUS = 4.0
 
@@ -87,8 +91,8 @@ def annealing_schedule(
         kind: ``"sigmoid"`` or ``"linear"``.
         dtype: Of the result.
     """
-    if steps < 1:
-        raise ConfigError(f"the number of annealing steps T must be >= 1, got {steps}")
+    if int(steps) != steps or steps < 1:
+        raise ConfigError(f"the number of annealing steps T must be an integer >= 1, got {steps}")
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "linear":
         betas = t
@@ -114,30 +118,37 @@ def _start_distribution(
             "the guide is a point estimate (no density): AIS needs a start distribution "
             "with a density; use start='prior'"
         )
-    return vae.posterior(x, index)
+    q = vae.posterior(x, index)
+    if tuple(q.batch_shape) != (x.shape[0],) or tuple(q.event_shape) != (vae.latent_dim,):
+        raise ConfigError(
+            f"the guide must give batch shape ({x.shape[0]},) and event shape "
+            f"({vae.latent_dim},), got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
+        )
+    return q
 
 
 @dataclass(frozen=True)
 class _HMC:
-    """Settings of the HMC transitions (see :func:`ais_log_likelihood`)."""
+    """HMC and step-size tuning settings (see :func:`ais_log_likelihood`)."""
 
     leapfrog_steps: int
     target_accept: float
-    adapt: bool
     adapt_rate: float
     jitter: float
+    pilot_chains: int
 
     def check(self, steps: int, chains: int, step_size: float | torch.Tensor) -> None:
         for name, value in (
             ("steps", steps),
             ("chains", chains),
             ("leapfrog_steps", self.leapfrog_steps),
+            ("pilot_chains", self.pilot_chains),
         ):
             if int(value) != value or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value}")
-        smallest = float(torch.as_tensor(step_size).min())
-        if not smallest > 0:
-            raise ConfigError(f"step_size must be > 0, got {smallest}")
+        eps = torch.as_tensor(step_size)
+        if eps.numel() and not float(eps.min()) > 0:
+            raise ConfigError(f"step_size must be > 0, got {float(eps.min())}")
         if not 0 < self.target_accept < 1:
             raise ConfigError(f"target_accept must be in (0, 1), got {self.target_accept}")
         if not 0 <= self.adapt_rate < 1:
@@ -151,12 +162,28 @@ def _identity_kinetic_grad(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return r
 
 
+def _log_parts_fn(
+    vae: VAE, x: torch.Tensor, r: Distribution, start: str
+) -> Callable[[torch.Tensor], _Parts]:
+    """``z (C, B, D) -> (log r(z), log p(x|z) + log p(z))``, each ``(C, B)``."""
+    prior = vae.prior()
+
+    def log_parts(z: torch.Tensor) -> _Parts:
+        log_prior = prior.log_prob(z)
+        log_joint = vae.likelihood(z).log_prob(x) + log_prior
+        return (log_prior if start == "prior" else r.log_prob(z)), log_joint
+
+    return log_parts
+
+
 def _anneal(
     log_parts: Callable[[torch.Tensor], _Parts],
     z: torch.Tensor,
     betas: torch.Tensor,
     step_size: torch.Tensor,
     hmc: _HMC,
+    *,
+    adapt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One AIS run along ``betas`` from ``z`` (``(C, B, D)``, distributed as ``f_{betas[0]}``).
 
@@ -168,8 +195,9 @@ def _anneal(
     over chains and data, which leaves each element's gradient its own), and a
     Metropolis test per (chain, datum).
 
-    ``step_size`` is ``(B,)`` (the first step size, adapted when ``hmc.adapt``)
-    or ``(T - 1, B)`` (a fixed schedule).
+    ``step_size``: ``(T - 1, B)``, one per transition and datum; with
+    ``adapt`` only its first row is read and the rest is adapted online from
+    the acceptances (the pilot run).
 
     Returns:
         ``(log_w (C, B) float64, z (C, B, D), accepted (T - 1, C, B) bool,
@@ -177,11 +205,9 @@ def _anneal(
     """
     chains, batch = z.shape[:2]
     steps = len(betas) - 1
-    fixed = step_size.dim() == 2
-    eps = step_size
+    used = step_size.clone()
     log_w = torch.zeros(chains, batch, dtype=torch.float64, device=z.device)
     accepted = torch.zeros(steps - 1, chains, batch, dtype=torch.bool, device=z.device)
-    used = torch.zeros(steps - 1, batch, dtype=z.dtype, device=z.device)
     log_r, log_joint = log_parts(z)
     stash: dict[str, _Parts] = {}  # what the potential last computed, per element
     for t in range(1, steps + 1):
@@ -195,10 +221,9 @@ def _anneal(
             stash["parts"] = (parts[0].detach(), parts[1].detach())
             return -((1 - beta) * parts[0] + beta * parts[1]).sum()
 
-        used[t - 1] = eps_t = step_size[t - 1] if fixed else eps
-        eps_t = eps_t.unsqueeze(-1)
+        eps = used[t - 1].expand(chains, batch).unsqueeze(-1)
         if hmc.jitter:  # drawn independently of z: the transition still leaves f_t invariant
-            eps_t = eps_t * (1 + hmc.jitter * (2 * torch.rand_like(z[..., :1]) - 1))
+            eps = eps * (1 + hmc.jitter * (2 * torch.rand_like(eps) - 1))
         momentum = torch.randn_like(z)
         with torch.enable_grad():
             grads, _ = potential_grad(potential, {LATENT_SITE: z})
@@ -207,7 +232,7 @@ def _anneal(
                 {LATENT_SITE: momentum},
                 potential,
                 _identity_kinetic_grad,
-                eps_t,
+                eps,
                 hmc.leapfrog_steps,
                 z_grads=grads,
             )
@@ -215,15 +240,16 @@ def _anneal(
         log_r_new, log_joint_new = stash["parts"]
         energy = -((1 - beta) * log_r + beta * log_joint) + 0.5 * momentum.pow(2).sum(-1)
         energy_new = -((1 - beta) * log_r_new + beta * log_joint_new) + 0.5 * p_new.pow(2).sum(-1)
-        # Metropolis; a NaN or infinite new energy compares False: rejected
-        accept = torch.rand_like(energy).log() < energy - energy_new
+        # Metropolis: accept with probability min(1, exp(-dH)); NaN energies never
+        log_alpha = torch.nan_to_num(energy - energy_new, nan=-math.inf).clamp(max=0)
+        accept = torch.rand_like(log_alpha).log() < log_alpha
         accepted[t - 1] = accept
         z = torch.where(accept.unsqueeze(-1), z_new, z)
         log_r = torch.where(accept, log_r_new, log_r)
         log_joint = torch.where(accept, log_joint_new, log_joint)
-        if hmc.adapt and not fixed:
-            up = accept.to(eps.dtype).mean(0) > hmc.target_accept
-            eps = eps * torch.where(up, 1 + hmc.adapt_rate, 1 - hmc.adapt_rate)
+        if adapt and t < steps - 1:
+            up = accept.to(used.dtype).mean(0) > hmc.target_accept
+            used[t] = used[t - 1] * torch.where(up, 1 + hmc.adapt_rate, 1 - hmc.adapt_rate)
     return log_w, z, accepted, used
 
 
@@ -241,6 +267,17 @@ def _ess_and_stderr(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ess, (1.0 / ess - 1.0 / log_w.shape[0]).clamp(min=0).sqrt()
 
 
+@contextmanager
+def _no_validation() -> Iterator[None]:
+    """Distributions skip argument validation inside; Pyro's and torch's flags are restored."""
+    previous = Distribution._validate_args  # pyro.validation_enabled restores Pyro's flag only
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
 @dataclass
 class AISResult:
     """The result of :func:`ais_log_likelihood`; per-datum tensors, float64 where noted.
@@ -249,18 +286,23 @@ class AISResult:
         log_likelihood: :math:`\\log \\hat p(x)`, ``(B,)`` float64.
         log_weights: :math:`\\log w`, ``(C, B)`` float64.
         mc_stderr: Delta-method Monte Carlo SE of ``log_likelihood`` from the
-            chains' ESS, :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`, ``(B,)`` float64.
+            chains' ESS, :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`, ``(B,)`` float64
+            (valid: the ``C`` chains are independent given the step sizes).
         ess: Kish's effective sample size of the ``C`` weights, ``(B,)`` float64.
         acceptance_rate: HMC acceptance rate over chains and transitions,
             ``(B,)`` float64 (NaN when ``T = 1``: no transitions).
-        step_sizes: The leapfrog step size of each transition, ``(T - 1, B)``
-            (before the jitter): pass it back as ``step_size`` to rerun with a
-            fixed schedule.
+        step_sizes: The leapfrog step size of each transition and datum,
+            ``(T - 1, B)``, before the jitter; pass it back as ``step_size``
+            to rerun without a pilot.
         samples: The chains' last states :math:`z_{T-1}`, ``(C, B, D)``;
             weighted by ``log_weights``, approximate posterior samples.
-        steps, chains, start, schedule, leapfrog_steps, target_accept, adapt,
-            adapt_rate, jitter: The settings (``adapt`` is False when a fixed
-            schedule was given).
+        steps: ``T``.
+        chains: ``C``.
+        start: ``"guide"`` or ``"prior"``.
+        schedule: ``"sigmoid"`` or ``"linear"``.
+        leapfrog_steps: ``L``.
+        jitter: The relative step-size jitter.
+        tuned: Whether ``step_sizes`` were tuned by a pilot run.
     """
 
     log_likelihood: torch.Tensor
@@ -275,10 +317,61 @@ class AISResult:
     start: str
     schedule: str
     leapfrog_steps: int
-    target_accept: float
-    adapt: bool
-    adapt_rate: float
     jitter: float
+    tuned: bool
+
+
+def _step_size_schedule(
+    step_size: float | torch.Tensor, steps: int, batch: int, like: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """``(schedule (T - 1, B), given)``: a number fills it; a tensor must broadcast to it."""
+    eps = torch.as_tensor(step_size, dtype=like.dtype, device=like.device)
+    if eps.dim() == 0:
+        return eps.expand(steps - 1, batch).clone(), False
+    if eps.dim() == 2:
+        try:
+            return eps.expand(steps - 1, batch).clone(), True
+        except RuntimeError:
+            pass
+    raise ConfigError(
+        f"step_size must be a number or a schedule of shape (T - 1, B) = ({steps - 1}, {batch}), "
+        f"got shape {tuple(eps.shape)}"
+    )
+
+
+def _run(
+    log_parts: Callable[[torch.Tensor], _Parts],
+    z0: torch.Tensor,
+    betas: torch.Tensor,
+    step_sizes: torch.Tensor,
+    hmc: _HMC,
+    *,
+    start: str,
+    schedule: str,
+    tuned: bool,
+) -> AISResult:
+    """The main AIS run from ``z0`` ``(C, B, D)`` with a fixed step-size schedule."""
+    chains, batch = z0.shape[:2]
+    steps = len(betas) - 1
+    log_w, z, accepted, used = _anneal(log_parts, z0, betas, step_sizes, hmc, adapt=False)
+    ess, stderr = _ess_and_stderr(log_w)
+    rate = accepted.double().mean((0, 1)) if steps > 1 else torch.full_like(ess, math.nan)
+    return AISResult(
+        log_likelihood=_log_mean_exp(log_w),
+        log_weights=log_w,
+        mc_stderr=stderr,
+        ess=ess,
+        acceptance_rate=rate,
+        step_sizes=used,
+        samples=z,
+        steps=steps,
+        chains=chains,
+        start=start,
+        schedule=schedule,
+        leapfrog_steps=hmc.leapfrog_steps,
+        jitter=hmc.jitter,
+        tuned=tuned,
+    )
 
 
 @torch.no_grad()
@@ -292,10 +385,11 @@ def ais_log_likelihood(
     schedule: str = "sigmoid",
     leapfrog_steps: int = 10,
     step_size: float | torch.Tensor = 0.1,
-    target_accept: float = 0.65,
     adapt: bool = True,
+    target_accept: float = 0.65,
     adapt_rate: float = 0.02,
-    jitter: float = 0.3,
+    pilot_chains: int = PILOT_CHAINS,
+    jitter: float = 0.2,
     index: torch.Tensor | None = None,
 ) -> AISResult:
     """Per-datum :math:`\\log \\hat p(x)` by annealed importance sampling with HMC transitions.
@@ -317,49 +411,60 @@ def ais_log_likelihood(
     read :math:`z_T`, so it is not drawn). :math:`\\mathbb E[w] = p(x)` (Neal
     2001): the estimate is unbiased on the linear scale and a stochastic lower
     bound in log. ``T = 1`` is importance sampling with proposal :math:`r`:
-    :math:`\\log w = \\log p(x|z) + \\log p(z) - \\log r(z)` exactly.
+    :math:`\\log w = \\log p(x|z) + \\log p(z) - \\log r(z)`, the weights of
+    :func:`pyro_vae.evaluate.log_importance_weights` (the same draws for the
+    same seed).
 
     HMC: unit mass matrix, a fresh momentum per transition, ``leapfrog_steps``
     steps of Pyro's ``velocity_verlet`` vectorized over ``(C, B)`` (the
     potential summed over chains and data: elements do not interact, so each
     gets its own gradient), and a Metropolis test per (chain, datum). Each
-    (chain, datum) multiplies the step size by a factor uniform in
-    ``[1 - jitter, 1 + jitter]``, drawn independently of the state, which
-    keeps the transition valid and avoids the near-periodic trajectories of a
+    (chain, datum, transition) multiplies the step size by a factor uniform in
+    ``[1 - jitter, 1 + jitter]``, drawn independently of the state: the
+    transition stays valid and avoids the near-periodic trajectories of a
     fixed step size (Neal 2011, "MCMC using Hamiltonian dynamics", Sec. 5.4.2.2).
 
-    Step size: one per datum, shared by its ``C`` chains. With ``adapt``, after
-    each transition it is multiplied by ``1 + adapt_rate`` if the datum's
-    acceptance rate over its chains exceeded ``target_accept``, by
-    ``1 - adapt_rate`` otherwise (Wu et al. 2017: target 0.65, rate 0.02).
-    The step size of transition ``t`` thus depends on past acceptances, the
-    common practice of Wu et al. 2017; strictly, Neal's proof of
-    :math:`\\mathbb E[w] = p(x)` needs transitions fixed in advance. To remove
-    this (small) bias, rerun with a previous run's ``step_sizes`` as
-    ``step_size`` (a fixed schedule, no adaptation: exactly AIS).
+    Step sizes, one per transition and datum (shared by its chains), tuned
+    so that AIS stays exact. With ``adapt`` (and a number ``step_size``), a
+    pilot run of ``pilot_chains`` chains per datum walks the same path first,
+    starting from ``step_size`` and multiplying it after each transition by
+    ``1 + adapt_rate`` if the datum's pilot acceptance rate exceeded
+    ``target_accept``, by ``1 - adapt_rate`` otherwise (the rule of Wu et al.
+    2017, Sec. 4: target 0.65, rate 0.02). Its weights are discarded; the
+    ``C`` chains then run with its step sizes fixed. Adapting the chains' own
+    step sizes from their own acceptances, as Wu et al. do, makes each
+    transition depend on the chain's past, outside Neal's proof of
+    :math:`\\mathbb E[w] = p(x)`, and couples the chains of a datum (their
+    Monte Carlo SE is then understated); with the pilot, given the schedule,
+    the chains are independent AIS runs with fixed transitions. The pilot
+    costs about ``pilot_chains / C`` of the main run in arithmetic; pass a
+    previous result's ``step_sizes`` as ``step_size`` to skip it.
 
-    Draws come from torch's global random number generator: seed it with
-    ``torch.manual_seed`` for reproducible numbers. Gradients are taken with
-    respect to ``z`` only, inside ``torch.enable_grad()``; all else runs under
-    ``torch.no_grad()``. The data are checked against the likelihood's support
-    once (:func:`~pyro_vae.data.check_fits`); distributions built inside the
-    loop skip re-validation.
+    Draws come from torch's global random number generator (the main chains'
+    starting points first, then the pilot): seed it with ``torch.manual_seed``
+    for reproducible numbers. Gradients are taken with respect to ``z`` only,
+    inside ``torch.enable_grad()``; all else runs under ``torch.no_grad()``.
+    The data are checked against the likelihood's support once
+    (:func:`~pyro_vae.data.check_fits`); distributions built inside the loop
+    skip re-validation.
 
     Args:
         vae: The model (in ``eval()`` mode if its networks use dropout or
             batch norm).
         x: Data ``(B, *event_shape)``.
         steps: ``T``, the number of annealing steps (weight increments); the
-            cost is about ``(T - 1) (L + 1)`` decoder gradients of ``C B`` points.
+            cost is about ``(T - 1) (L + 1)`` decoder gradients of ``C B``
+            points (plus the pilot's).
         chains: ``C``, independent AIS chains per datum.
         start: ``"guide"`` (:math:`q(z|x)`) or ``"prior"``.
         schedule: ``"sigmoid"`` or ``"linear"`` (:func:`annealing_schedule`).
         leapfrog_steps: ``L``, leapfrog steps per HMC transition.
-        step_size: The first leapfrog step size (a float or a ``(B,)``
-            tensor), or a fixed schedule ``(T - 1, B)``.
-        target_accept: The acceptance rate the adaptation aims at.
-        adapt: Adapt the step size (ignored for a ``(T - 1, B)`` schedule).
-        adapt_rate: Relative change of the step size per transition.
+        step_size: A number (the pilot's first step size, or the constant one
+            without ``adapt``), or a schedule ``(T - 1, B)`` used as it is.
+        adapt: Tune the step sizes with a pilot run (for a number ``step_size``).
+        target_accept: The pilot's target acceptance rate.
+        adapt_rate: The pilot's relative change of the step size per transition.
+        pilot_chains: Pilot chains per datum.
         jitter: Relative half-width of the random step-size factor (0: none).
         index: Positions of ``x`` in the training set, for non-amortized guides.
 
@@ -376,83 +481,21 @@ def ais_log_likelihood(
         Wu, Burda, Salakhutdinov & Grosse (2017), "On the quantitative analysis
         of decoder-based generative models", Sec. 4.
     """
-    hmc = _HMC(leapfrog_steps, target_accept, adapt, adapt_rate, jitter)
+    hmc = _HMC(leapfrog_steps, target_accept, adapt_rate, jitter, pilot_chains)
     hmc.check(steps, chains, step_size)
     check_fits(x, vae.event_shape, vae.likelihood.support, type(vae.likelihood).__name__, "x")
+    betas = annealing_schedule(steps, schedule)
     with _no_validation():
         r = _start_distribution(vae, x, start, index)
+        log_parts = _log_parts_fn(vae, x, r, start)
         z0 = r.sample((chains,))
-        return _run(vae, x, r, z0, step_size, hmc, steps=steps, start=start,
-                    schedule=schedule, reverse=False)  # fmt: skip
-
-
-@contextmanager
-def _no_validation() -> Iterator[None]:
-    """Distributions skip argument validation inside; Pyro's and torch's flags are restored."""
-    previous = Distribution._validate_args  # pyro.validation_enabled restores Pyro's flag only
-    try:
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        Distribution.set_default_validate_args(previous)
-
-
-def _run(
-    vae: VAE,
-    x: torch.Tensor,
-    r: Distribution,
-    z0: torch.Tensor,
-    step_size: float | torch.Tensor,
-    hmc: _HMC,
-    *,
-    steps: int,
-    start: str,
-    schedule: str,
-    reverse: bool,
-) -> AISResult:
-    """AIS from ``z0`` ``(C, B, D)``: forward (``r`` to the posterior) or ``reverse``."""
-    chains, batch = z0.shape[:2]
-    eps = torch.as_tensor(step_size, dtype=z0.dtype, device=z0.device)
-    if eps.dim() == 2:
-        if tuple(eps.shape) != (steps - 1, batch):
-            raise ConfigError(
-                f"a step-size schedule must have shape (T - 1, B) = ({steps - 1}, {batch}), "
-                f"got {tuple(eps.shape)}"
-            )
-        hmc = replace(hmc, adapt=False)
-    else:
-        eps = eps.expand(batch).clone()
-    betas = annealing_schedule(steps, schedule)
-    if reverse:
-        betas = betas.flip(0)
-    prior = vae.prior()
-
-    def log_parts(z: torch.Tensor) -> _Parts:
-        log_prior = prior.log_prob(z)
-        log_joint = vae.likelihood(z).log_prob(x) + log_prior
-        return (log_prior if start == "prior" else r.log_prob(z)), log_joint
-
-    log_w, z, accepted, used = _anneal(log_parts, z0, betas, eps, hmc)
-    ess, stderr = _ess_and_stderr(log_w)
-    rate = accepted.double().mean((0, 1)) if steps > 1 else torch.full_like(ess, math.nan)
-    return AISResult(
-        log_likelihood=_log_mean_exp(log_w),
-        log_weights=log_w,
-        mc_stderr=stderr,
-        ess=ess,
-        acceptance_rate=rate,
-        step_sizes=used,
-        samples=z,
-        steps=steps,
-        chains=chains,
-        start=start,
-        schedule=schedule,
-        leapfrog_steps=hmc.leapfrog_steps,
-        target_accept=hmc.target_accept,
-        adapt=hmc.adapt,
-        adapt_rate=hmc.adapt_rate,
-        jitter=hmc.jitter,
-    )
+        step_sizes, given = _step_size_schedule(step_size, steps, len(x), z0)
+        tuned = adapt and not given and steps > 1
+        if tuned:
+            pilot = r.sample((pilot_chains,))
+            step_sizes = _anneal(log_parts, pilot, betas, step_sizes, hmc, adapt=True)[3]
+        return _run(log_parts, z0, betas, step_sizes, hmc, start=start, schedule=schedule,
+                    tuned=tuned)  # fmt: skip
 
 
 @dataclass
@@ -464,8 +507,9 @@ class BDMCResult:
         upper: Reverse AIS :math:`-\\log \\frac1C \\sum_c w^{\\mathrm{rev}}_c`,
             a stochastic upper bound.
         gap: ``upper - lower``.
-        lower_stderr, upper_stderr: Delta-method Monte Carlo SEs of each, from
-            the ESS of its chain weights.
+        lower_stderr: Delta-method Monte Carlo SE of ``lower``.
+        upper_stderr: Delta-method Monte Carlo SE of ``upper`` (from the ESS
+            of the reverse weights).
         x: The simulated data ``(N, *event_shape)``.
         z: The latents they were drawn from, ``(N, D)``: exact posterior samples.
         forward: The forward run.
@@ -510,11 +554,12 @@ def bdmc(
     start: str = "prior",
     schedule: str = "sigmoid",
     leapfrog_steps: int = 10,
-    step_size: float = 0.1,
-    target_accept: float = 0.65,
+    step_size: float | torch.Tensor = 0.1,
     adapt: bool = True,
+    target_accept: float = 0.65,
     adapt_rate: float = 0.02,
-    jitter: float = 0.3,
+    pilot_chains: int = PILOT_CHAINS,
+    jitter: float = 0.2,
 ) -> BDMCResult:
     """Sandwich :math:`\\log p(x)` of simulated data between forward and reverse AIS.
 
@@ -546,12 +591,12 @@ def bdmc(
       -\\log w^{\\mathrm{rev}}`, the sum written in the forward direction, it is
       :math:`-\\log \\frac1C \\sum_c \\exp(-\\log \\tilde w_c)`.
 
-    The reverse chains use the forward run's step sizes in reverse order,
-    without adaptation: a schedule fixed before they start, so, given the
-    forward run, their weights are exactly those of AIS. The gap
-    ``upper - lower`` bounds, in expectation, the error of either estimate on
-    data simulated from the model (not on real data, whose exact posterior
-    samples are unknown: there it says how many steps suffice).
+    Both directions use the same step-size schedule (the reverse one in
+    reverse order), tuned by the forward run's pilot: fixed before either
+    main run starts, so both are exact AIS. The gap ``upper - lower`` bounds,
+    in expectation, the error of either estimate on data simulated from the
+    model (not on real data, whose exact posterior samples are unknown: there
+    it says how many steps suffice).
 
     Args:
         vae: The model.
@@ -562,11 +607,12 @@ def bdmc(
             forward chains start and the reverse chains end.
         schedule: As in :func:`ais_log_likelihood`.
         leapfrog_steps: As in :func:`ais_log_likelihood`.
-        step_size: The forward run's first step size.
-        target_accept: As in :func:`ais_log_likelihood` (forward run).
-        adapt: As in :func:`ais_log_likelihood` (forward run).
-        adapt_rate: As in :func:`ais_log_likelihood` (forward run).
-        jitter: As in :func:`ais_log_likelihood`, for both directions.
+        step_size: As in :func:`ais_log_likelihood`.
+        adapt: As in :func:`ais_log_likelihood`.
+        target_accept: As in :func:`ais_log_likelihood`.
+        adapt_rate: As in :func:`ais_log_likelihood`.
+        pilot_chains: As in :func:`ais_log_likelihood`.
+        jitter: As in :func:`ais_log_likelihood`.
 
     Returns:
         A :class:`BDMCResult`.
@@ -580,22 +626,23 @@ def bdmc(
     """
     if int(num_data) != num_data or num_data < 1:
         raise ConfigError(f"num_data must be an integer >= 1, got {num_data}")
-    hmc = _HMC(leapfrog_steps, target_accept, adapt, adapt_rate, jitter)
+    hmc = _HMC(leapfrog_steps, target_accept, adapt_rate, jitter, pilot_chains)
     hmc.check(steps, chains, step_size)
     with _no_validation():
         z_star = vae.prior().sample((num_data,))
         x = vae.likelihood(z_star).sample()
     forward = ais_log_likelihood(
-        vae, x, steps=steps, chains=chains, start=start, schedule=schedule, step_size=step_size,
-        leapfrog_steps=leapfrog_steps, target_accept=target_accept, adapt=adapt,
-        adapt_rate=adapt_rate, jitter=jitter,
+        vae, x, steps=steps, chains=chains, start=start, schedule=schedule,
+        leapfrog_steps=leapfrog_steps, step_size=step_size, adapt=adapt,
+        target_accept=target_accept, adapt_rate=adapt_rate, pilot_chains=pilot_chains,
+        jitter=jitter,
     )  # fmt: skip
+    betas = annealing_schedule(steps, schedule).flip(0)
     with _no_validation():
         r = _start_distribution(vae, x, start, None)
         z0 = z_star.expand(chains, *z_star.shape).clone()
-        schedule_back = forward.step_sizes.flip(0)
-        reverse = _run(vae, x, r, z0, schedule_back, hmc, steps=steps, start=start,
-                       schedule=schedule, reverse=True)  # fmt: skip
+        reverse = _run(_log_parts_fn(vae, x, r, start), z0, betas, forward.step_sizes.flip(0),
+                       hmc, start=start, schedule=schedule, tuned=forward.tuned)  # fmt: skip
     upper = -reverse.log_likelihood
     return BDMCResult(
         lower=forward.log_likelihood,

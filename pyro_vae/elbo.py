@@ -278,7 +278,7 @@ def refine_posterior(
     max_steps: int = 2000,
     window: int = 50,
     tol: float = 1e-2,
-    polish_steps: int = 1200,
+    polish_steps: int | None = None,
 ) -> Refinement:
     """One diagonal Normal per datum, decoder frozen: :math:`q^*_b = \\arg\\max \\mathrm{ELBO}`.
 
@@ -305,8 +305,11 @@ def refine_posterior(
         max_steps: Cap on the steps.
         window: Steps per window of the stopping rule.
         tol: Smallest gain (nats per datum, window mean to window mean) that continues.
-        polish_steps: Steps of the decaying, averaged phase (0: keep the last iterate).
+        polish_steps: Steps of the decaying, averaged phase (0: keep the last
+            iterate); default ``min(1200, max_steps)``.
     """
+    if polish_steps is None:
+        polish_steps = min(1200, max_steps)
     if max_steps < 1 or window < 1 or num_particles < 1 or polish_steps < 0:
         raise ConfigError(
             "refine_posterior: max_steps, window and num_particles must be >= 1, polish_steps >= 0"

@@ -983,6 +983,12 @@ def _evaluate_run(
     if max_data is not None and max_data < 1:
         raise ConfigError(f"max_data must be >= 1, got {max_data}")
     data = load_data(config)
+    x = data.split(split)
+    if tuple(x.shape[1:]) != vae.event_shape:
+        raise DataError(
+            f"{data.name} {split}: a datum has shape {tuple(x.shape[1:])} but the trained "
+            f"model expects {vae.event_shape}"
+        )
     if data_sha256 and data.fingerprint != data_sha256:
         warnings.warn(
             f"the data of {run_dir} ({data.name}) changed since it was trained (SHA-256 "
@@ -990,12 +996,6 @@ def _evaluate_run(
             "data as they are now",
             PyroVAEWarning,
             stacklevel=2,
-        )
-    x = data.split(split)
-    if tuple(x.shape[1:]) != vae.event_shape:
-        raise DataError(
-            f"{data.name} {split}: a datum has shape {tuple(x.shape[1:])} but the trained "
-            f"model expects {vae.event_shape}"
         )
     if max_data is not None:
         x = x[:max_data]

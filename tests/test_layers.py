@@ -31,7 +31,7 @@ LAYERS = [
     ["distributed"],
     ["train"],
     ["em"],
-    ["evaluate", "diagnostics"],
+    ["evaluate", "diagnostics", "ais"],
     ["plots"],
     ["report", "course"],
     ["cli"],
