@@ -12,10 +12,10 @@ The modules form layers; each imports only from the layers below it
 2. ``config``: frozen configs with a TOML round trip;
 3. ``nets``, ``likelihoods``, ``guides``, ``priors``: the components;
 4. ``model``: ``VAE(prior, guide, likelihood)``, the Pyro model and guide;
-5. ``elbo``, ``objectives``, ``data``, ``exact``, ``build``, ``checkpoint``:
+5. ``elbo``, ``weights``, ``objectives``, ``data``, ``exact``, ``build``, ``checkpoint``:
    computations on a model, objectives, data, building and run directories;
 6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
-7. ``evaluate``, ``diagnostics``, ``ais``: evaluation; ``plots``, ``report``,
+7. ``ais``, ``evaluate``, ``diagnostics``: evaluation; ``plots``, ``report``,
    ``course``: presentation;
 8. ``cli``: the command line.
 

@@ -55,8 +55,14 @@ from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch.distributions import Distribution
 
 from .data import check_fits
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 from .model import LATENT_SITE, VAE
+from .weights import (
+    effective_sample_size,
+    log_likelihood_mc_stderr,
+    log_mean_exp,
+    proposal_distribution,
+)
 
 #: Start distributions of the annealing path by name: the guide :math:`q(z|x)` or the prior.
 STARTS = ("guide", "prior")
@@ -103,28 +109,6 @@ def annealing_schedule(
         raise ConfigError(f"unknown annealing schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
     betas[0], betas[-1] = 0.0, 1.0  # exactly, whatever the rounding
     return betas.to(dtype)
-
-
-def _start_distribution(
-    vae: VAE, x: torch.Tensor, start: str, index: torch.Tensor | None
-) -> Distribution:
-    """The normalized start ``r(z)``, batch shape ``(B,)``, event shape ``(D,)``."""
-    if start == "prior":
-        return vae.prior().expand((x.shape[0],))
-    if start != "guide":
-        raise ConfigError(f"unknown AIS start {start!r}; valid: {', '.join(STARTS)}")
-    if vae.posterior.is_point_estimate:
-        raise UserError(
-            "the guide is a point estimate (no density): AIS needs a start distribution "
-            "with a density; use start='prior'"
-        )
-    q = vae.posterior(x, index)
-    if tuple(q.batch_shape) != (x.shape[0],) or tuple(q.event_shape) != (vae.latent_dim,):
-        raise ConfigError(
-            f"the guide must give batch shape ({x.shape[0]},) and event shape "
-            f"({vae.latent_dim},), got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
-        )
-    return q
 
 
 @dataclass(frozen=True)
@@ -253,20 +237,6 @@ def _anneal(
     return log_w, z, accepted, used
 
 
-def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
-
-
-def _ess_and_stderr(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kish's ESS of ``C`` weights and the delta-method SE :math:`\\sqrt{1/\\mathrm{ESS} - 1/C}`.
-
-    The same formulas as :func:`pyro_vae.evaluate.effective_sample_size` and
-    :func:`pyro_vae.evaluate.log_likelihood_mc_stderr` (Owen 2013, Sec. 9.3).
-    """
-    ess = torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
-    return ess, (1.0 / ess - 1.0 / log_w.shape[0]).clamp(min=0).sqrt()
-
-
 @contextmanager
 def _no_validation() -> Iterator[None]:
     """Distributions skip argument validation inside; Pyro's and torch's flags are restored."""
@@ -354,10 +324,11 @@ def _run(
     chains, batch = z0.shape[:2]
     steps = len(betas) - 1
     log_w, z, accepted, used = _anneal(log_parts, z0, betas, step_sizes, hmc, adapt=False)
-    ess, stderr = _ess_and_stderr(log_w)
+    ess = effective_sample_size(log_w)
+    stderr = log_likelihood_mc_stderr(ess, log_w.shape[0])
     rate = accepted.double().mean((0, 1)) if steps > 1 else torch.full_like(ess, math.nan)
     return AISResult(
-        log_likelihood=_log_mean_exp(log_w),
+        log_likelihood=log_mean_exp(log_w),
         log_weights=log_w,
         mc_stderr=stderr,
         ess=ess,
@@ -486,7 +457,7 @@ def ais_log_likelihood(
     check_fits(x, vae.event_shape, vae.likelihood.support, type(vae.likelihood).__name__, "x")
     betas = annealing_schedule(steps, schedule)
     with _no_validation():
-        r = _start_distribution(vae, x, start, index)
+        r = proposal_distribution(vae, x, start, index)
         log_parts = _log_parts_fn(vae, x, r, start)
         z0 = r.sample((chains,))
         step_sizes, given = _step_size_schedule(step_size, steps, len(x), z0)
@@ -639,7 +610,7 @@ def bdmc(
     )  # fmt: skip
     betas = annealing_schedule(steps, schedule).flip(0)
     with _no_validation():
-        r = _start_distribution(vae, x, start, None)
+        r = proposal_distribution(vae, x, start, None)
         z0 = z_star.expand(chains, *z_star.shape).clone()
         reverse = _run(_log_parts_fn(vae, x, r, start), z0, betas, forward.step_sizes.flip(0),
                        hmc, start=start, schedule=schedule, tuned=forward.tuned)  # fmt: skip

@@ -73,9 +73,11 @@ from .exact import linear_gaussian
 from .files import atomic_write_bytes, run_lock
 from .model import DATA_PLATE, LATENT_SITE, VAE
 from .objectives import IWAE_ELBO
+from .weights import PROPOSALS, Proposal, proposal_distribution
+from .weights import effective_sample_size as effective_sample_size  # re-exported
+from .weights import log_likelihood_mc_stderr as log_likelihood_mc_stderr
+from .weights import log_mean_exp as log_mean_exp
 
-#: Proposals by name: the guide :math:`q(z|x)` or the prior :math:`p(z)`.
-PROPOSALS = ("guide", "prior")
 #: :math:`\\hat k` above which an importance sampling estimate is unreliable.
 KHAT_THRESHOLD = 0.7
 #: Fewest samples for which arviz can fit the Pareto tail (more than 4 tail draws).
@@ -89,18 +91,8 @@ ERROR_LABELS = {
 EVALUATION_FILE = "evaluation.json"
 PER_DATUM_FILE = "evaluation_per_datum.npz"
 
-Proposal = str | Distribution
-
 
 # --- per-datum log weights and what follows from them ---------------------------
-
-
-def _check_batch_distribution(q: Distribution, batch: int, latent_dim: int, what: str) -> None:
-    if tuple(q.batch_shape) != (batch,) or tuple(q.event_shape) != (latent_dim,):
-        raise ConfigError(
-            f"{what} must have batch shape ({batch},) and event shape ({latent_dim},), "
-            f"got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
-        )
 
 
 def _proposal_guide(r: Distribution) -> Callable[..., torch.Tensor]:
@@ -168,35 +160,13 @@ def log_importance_weights(
     support = vae.likelihood.support
     check_fits(x, vae.event_shape, support, type(vae.likelihood).__name__, "the data")
     batch = x.shape[0]
-    r = _proposal(vae, x, proposal, index)
+    r = proposal_distribution(vae, x, proposal, index)
     out = torch.empty(num_samples, batch, device=x.device, dtype=x.dtype)
     start = 0
     for log_w in _log_weight_chunks(vae, x, num_samples, r, index, chunk_size, validate):
         out[start : start + len(log_w)] = log_w
         start += len(log_w)
     return out
-
-
-def _proposal(
-    vae: VAE, x: torch.Tensor, proposal: Proposal, index: torch.Tensor | None
-) -> Distribution:
-    """The proposal ``r(z | x)`` as a distribution of batch shape ``(B,)``."""
-    batch = x.shape[0]
-    if isinstance(proposal, str) and proposal == "prior":
-        r = vae.prior().expand((batch,))
-    elif isinstance(proposal, str):
-        if proposal != "guide":
-            raise ConfigError(f"unknown proposal {proposal!r}; valid: {', '.join(PROPOSALS)}")
-        if vae.posterior.is_point_estimate:
-            raise UserError(
-                "the guide is a point estimate (no density): importance sampling needs a "
-                "proposal with a density; use the prior proposal"
-            )
-        r = vae.posterior(x, index)
-    else:
-        r = proposal
-    _check_batch_distribution(r, batch, vae.latent_dim, "the proposal")
-    return r
 
 
 def _log_weight_chunks(
@@ -356,11 +326,6 @@ def _khat_from_tail(tail: torch.Tensor, num_samples: int) -> np.ndarray:
     return khat
 
 
-def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """:math:`\\log \\frac1K \\sum_k e^{\\log w_k}` along ``dim``, computed stably."""
-    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
-
-
 def iwae_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per-datum estimates of the IWAE bounds :math:`\\mathcal L_K` from one set of weights.
 
@@ -390,31 +355,6 @@ def iwae_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tenso
         grouped = log_w[: groups * k].reshape(groups, k, -1)
         out[int(k)] = log_mean_exp(grouped, dim=1).mean(0)
     return out
-
-
-def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
-    """Per-datum ESS :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2`, shape ``(B,)``, in ``[1, K]``.
-
-    Kish's effective sample size of self-normalized importance sampling (Kong
-    1992, "A note on importance sampling using standardized weights").
-    """
-    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
-
-
-def log_likelihood_mc_stderr(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Delta-method Monte Carlo standard error of :math:`\\log \\hat p(x)`, per datum.
-
-    .. math::
-
-        \\operatorname{Var}\\big[\\log \\tfrac1K \\textstyle\\sum_k w_k\\big]
-        \\approx \\frac{\\operatorname{Var}[w]}{K\\,\\mathbb E[w]^2}
-        \\approx \\frac{1}{\\mathrm{ESS}} - \\frac1K,
-
-    using :math:`\\mathrm{Var}[w]/\\mathbb E[w]^2 \\approx K/\\mathrm{ESS} - 1`
-    (Owen 2013, "Monte Carlo theory, methods and examples", Sec. 9.3). It
-    trusts the weights: where :math:`\\hat k > 0.7` it understates the error.
-    """
-    return (1.0 / ess - 1.0 / num_samples).clamp(min=0).sqrt()
 
 
 def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
@@ -465,7 +405,7 @@ def estimate_seconds(
     """
     per_chunk = min(num_samples, max(1, chunk_size // len(x)))
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    r = _proposal(vae, x, "prior", None)
+    r = proposal_distribution(vae, x, "prior", None)
     times = []
     with torch.random.fork_rng(devices=devices):
         for _ in range(2):  # the first call also warms up
@@ -772,7 +712,7 @@ def _statistics(
     khat: bool = True,
 ) -> dict[str, torch.Tensor | np.ndarray]:
     """:class:`WeightStatistics` of ``K`` importance weights of ``xb`` under ``proposal``."""
-    r = _proposal(vae, xb, proposal, None)
+    r = proposal_distribution(vae, xb, proposal, None)
     stats = WeightStatistics(plan.num_samples, len(xb), ks, khat=khat, device=xb.device)
     for log_w in _log_weight_chunks(vae, xb, plan.num_samples, r, None, plan.chunk_size):
         stats.update(log_w)
