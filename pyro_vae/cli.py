@@ -203,7 +203,27 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--iwae-k", metavar="K1,K2,...", help="IWAE bounds to report (default 1,10,100,1000,5000)"
     )
-    p.add_argument("--proposal", choices=("guide", "prior"), default="guide")
+    p.add_argument(
+        "--proposal",
+        choices=("guide", "prior"),
+        default="guide",
+        help="importance sampling proposal, or AIS start distribution (default guide)",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=("is", "ais"),
+        default="is",
+        help="is: importance sampling (default); ais: annealed importance sampling with HMC",
+    )
+    p.add_argument("--ais-steps", type=_positive_int, default=500, metavar="T", help="AIS steps")
+    p.add_argument("--chains", type=_positive_int, default=16, metavar="C", help="AIS chains")
+    p.add_argument(
+        "--bdmc",
+        type=_positive_int,
+        metavar="N",
+        help="instead: simulate N data from the model and sandwich their log p(x) between "
+        "forward and reverse AIS (bidirectional Monte Carlo); writes RUN_DIR/bdmc.json",
+    )
     p.add_argument(
         "--gaps", action="store_true", help="approximation and amortization gaps (slower)"
     )
@@ -224,6 +244,27 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
 
+def format_bdmc(s: dict[str, Any]) -> str:
+    """The sandwich of :func:`~pyro_vae.evaluate.bdmc_run` as a few lines."""
+    lines = [
+        f"BDMC on {s['num_data']} data simulated from the model ({s['ais_steps']} AIS steps, "
+        f"{s['chains']} chains):",
+        f"  upper bound (reverse AIS)  {s['upper']:10.3f}  "
+        f"(Monte Carlo SE {s['upper_mc_stderr']:.3f})",
+        f"  lower bound (forward AIS)  {s['lower']:10.3f}  "
+        f"(Monte Carlo SE {s['lower_mc_stderr']:.3f})",
+        f"  gap                        {s['gap']:10.3f}  (the bound on either's bias)",
+    ]
+    if s.get("is_log_likelihood") is not None:
+        lines += [
+            f"  IS, K = {s['num_samples']:<18} {s['is_log_likelihood']:10.3f}  "
+            f"({s['is_minus_lower']:+.3f} against the lower bound)",
+            f"  ELBO                       {s['elbo']:10.3f}  "
+            f"({s['elbo_minus_lower']:+.3f} against the lower bound)",
+        ]
+    return "\n".join(lines)
+
+
 def _positive_hours(hours: float) -> float:
     if not 0 < hours < float("inf"):
         raise ConfigError(f"--max-hours must be a positive number of hours, got {hours}")
@@ -232,8 +273,17 @@ def _positive_hours(hours: float) -> float:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``pyro-vae evaluate``: print the table, write the two files."""
-    from .evaluate import EVALUATION_FILE, PER_DATUM_FILE, evaluate_run
+    from .evaluate import BDMC_FILE, EVALUATION_FILE, PER_DATUM_FILE, bdmc_run, evaluate_run
 
+    if args.bdmc is not None:
+        s = bdmc_run(
+            args.run_dir, args.bdmc, steps=args.ais_steps, chains=args.chains,
+            num_samples=args.num_samples, seed=args.seed or 0, device=args.device,
+        )  # fmt: skip
+        if not args.quiet:
+            print(format_bdmc(s))
+        print(f"wrote {Path(args.run_dir) / BDMC_FILE}")
+        return 0
     result = evaluate_run(
         args.run_dir,
         split=args.split,
@@ -248,6 +298,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         max_seconds=_positive_hours(args.max_hours) * 3600,
+        estimator=args.estimator,
+        ais_steps=args.ais_steps,
+        chains=args.chains,
     )
     if not args.quiet:
         print(result.table())

@@ -462,9 +462,14 @@ class Evaluation:
     def table(self) -> str:
         """A readable table of the summary."""
         s = self.summary
+        how = (
+            f"AIS from the {s['proposal']}: {s['ais_steps']} steps, {s['chains']} chains, "
+            f"{s['leapfrog_steps']} leapfrog steps, HMC acceptance {s['acceptance_rate']:.2f}"
+            if s.get("estimator") == "ais"
+            else f"K = {s['num_samples']} importance samples from the {s['proposal']}"
+        )
         lines = [
-            f"split {s.get('split') or '-'}: {s['num_data']} data, K = {s['num_samples']} "
-            f"importance samples from the {s['proposal']}, seed {s['seed']}",
+            f"split {s.get('split') or '-'}: {s['num_data']} data, {how}, seed {s['seed']}",
             f"  log p(x)           {s['log_likelihood']:10.3f}  "
             f"± {s['log_likelihood_stderr']:.3f} (SE over data; "
             f"Monte Carlo SE {s['log_likelihood_mc_stderr']:.3f})",
@@ -476,7 +481,9 @@ class Evaluation:
         for k, value in s["iwae"].items():
             lines.append(f"  L_{k:<16} {value:10.3f}")
         lines.append(f"  ESS                {s['ess_mean']:10.1f}  mean (of {s['num_samples']})")
-        if s["khat_fraction_above_0_7"] is None:
+        if s.get("estimator") == "ais":
+            pass
+        elif s["khat_fraction_above_0_7"] is None:
             lines.append(f"  k-hat              n/a (needs K >= {MIN_KHAT_SAMPLES})")
         else:
             lines.append(
@@ -847,6 +854,9 @@ def evaluate_run(
     progress: bool = False,
     write: bool = True,
     max_seconds: float | None = MAX_SECONDS,
+    estimator: str = "is",
+    ais_steps: int = 500,
+    chains: int = 16,
 ) -> Evaluation:
     """Evaluate the model of a run directory on one split of its own data.
 
@@ -872,6 +882,10 @@ def evaluate_run(
         progress: Show a progress bar.
         write: Write the two files.
         max_seconds: Refuse a request estimated to take longer (see :func:`evaluate`).
+        estimator: ``is`` (importance sampling, :func:`evaluate`) or ``ais``
+            (:func:`evaluate_ais`, started from ``proposal``).
+        ais_steps: AIS: the number of annealing steps T.
+        chains: AIS: chains per datum.
 
     Raises:
         CheckpointError: no run or checkpoint in ``run_dir``.
@@ -881,12 +895,18 @@ def evaluate_run(
     from .checkpoint import load_run
     from .train import resolve_device
 
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    if estimator == "ais" and gaps:
+        raise ConfigError("the gaps are measured by importance sampling: drop --gaps with ais")
+    ais = {"steps": ais_steps, "chains": chains} if estimator == "ais" else None
     run_dir = Path(run_dir)
     vae, state = load_run(run_dir, device=str(resolve_device(device)))  # before the lock
     with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
         return _evaluate_run(
             vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
             batch_size, chunk_size, seed, progress, write, max_seconds, state.get("data_sha256"),
+            ais,
         )  # fmt: skip
 
 
@@ -906,6 +926,7 @@ def _evaluate_run(
     write: bool,
     max_seconds: float | None,
     data_sha256: str | None,
+    ais: dict[str, int] | None,
 ) -> Evaluation:
     from .build import resolve
     from .checkpoint import CONFIG_FILE
@@ -943,21 +964,22 @@ def _evaluate_run(
     index = None
     if split == "train" and not vae.posterior.is_amortized:
         index = torch.arange(len(x), device=x.device)
-    result = evaluate(
-        vae,
-        x,
-        num_samples=num_samples,
-        iwae_k=iwae_k,
-        proposal=proposal,
-        gaps=gaps,
-        index=index,
+    common = dict(
         batch_size=cfg.batch_size if batch_size is None else batch_size,
         chunk_size=cfg.chunk_size if chunk_size is None else chunk_size,
         seed=cfg.seed if seed is None else seed,
         split=split,
         progress=progress,
         max_seconds=max_seconds,
+        index=index,
     )
+    if ais is not None:
+        result = evaluate_ais(vae, x, start=proposal, **ais, **common)  # type: ignore[arg-type]
+    else:
+        result = evaluate(
+            vae, x, num_samples=num_samples, iwae_k=iwae_k, proposal=proposal, gaps=gaps,
+            **common,  # type: ignore[arg-type]
+        )  # fmt: skip
     result.summary["run_dir"] = str(run_dir)
     result.summary["data_sha256"] = fingerprint({split: x})  # the points evaluated
     if write:
@@ -1125,3 +1147,199 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
     text = json.dumps(_json_safe(comparison.summary), indent=2) + "\n"
     atomic_write_bytes(path, text.encode())
     return path
+
+
+# --- annealed importance sampling and bidirectional Monte Carlo ------------------
+
+#: Estimators of :math:`\\log p(x)` by name (``pyro-vae evaluate --estimator``).
+ESTIMATORS = ("is", "ais")
+#: Where :func:`bdmc_run` writes its sandwich.
+BDMC_FILE = "bdmc.json"
+#: Cost of one AIS transition per chain and datum in decoder passes: each of
+#: ``L`` leapfrog steps is a forward and a backward pass (about 3 forward ones).
+_PASSES_PER_LEAPFROG = 3
+
+
+def _ais_seconds(
+    vae: VAE, x: torch.Tensor, steps: int, chains: int, leapfrog: int, chunk_size: int, n: int
+) -> float:
+    """:func:`estimate_seconds` for AIS: a decoder pass per chain, step and leapfrog step."""
+    from .ais import PILOT_CHAINS
+
+    passes = steps * (chains + PILOT_CHAINS) * (1 + _PASSES_PER_LEAPFROG * leapfrog)
+    vectorized = max(1, min(chains + PILOT_CHAINS, chunk_size // len(x)))  # as AIS runs them
+    return estimate_seconds(vae, x, vectorized, chunk_size, n) / vectorized * passes
+
+
+def evaluate_ais(
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    steps: int = 500,
+    chains: int = 16,
+    start: str = "guide",
+    leapfrog_steps: int = 10,
+    batch_size: int = 100,
+    chunk_size: int = 4096,
+    seed: int = 0,
+    split: str | None = None,
+    progress: bool = False,
+    max_seconds: float | None = MAX_SECONDS,
+    index: torch.Tensor | None = None,
+) -> Evaluation:
+    """:math:`\\log p(x)` per datum by AIS (:func:`pyro_vae.ais.ais_log_likelihood`), in batches.
+
+    The summary has what :func:`evaluate` reports for ``log p(x)`` -- the mean,
+    the SE over data and the Monte Carlo SE (from the chains' weights) -- with
+    ``"estimator": "ais"``, the steps, chains and the mean HMC acceptance rate.
+    """
+    from .ais import ais_log_likelihood
+
+    if len(x) == 0:
+        raise ConfigError("no data to evaluate")
+    for name, value in (("steps", steps), ("chains", chains), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"AIS {name} must be >= 1, got {value}")
+    check_fits(x, vae.event_shape, vae.likelihood.support, type(vae.likelihood).__name__, "data")
+    seconds = _ais_seconds(vae, x[:batch_size], steps, chains, leapfrog_steps, chunk_size, len(x))
+    if max_seconds is not None and seconds > max_seconds:
+        raise ConfigError(
+            f"AIS on {len(x)} data with {steps} steps and {chains} chains would take about "
+            f"{format_duration(seconds)}; the limit is {format_duration(max_seconds)}: fewer "
+            "steps, chains or data"
+        )
+    if progress and seconds > 10:
+        print(f"AIS on {len(x)} data: about {format_duration(seconds)}", file=sys.stderr)
+    start_time = time.perf_counter()
+    parts: dict[str, list[np.ndarray]] = {}
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=devices),
+        tqdm(total=len(x), disable=not progress, unit="datum", dynamic_ncols=True) as bar,
+    ):
+        torch.manual_seed(seed)
+        for begin in range(0, len(x), batch_size):
+            xb = x[begin : begin + batch_size]
+            ib = None if index is None else index[begin : begin + batch_size]
+            r = ais_log_likelihood(
+                vae, xb, steps=steps, chains=chains, start=start,
+                leapfrog_steps=leapfrog_steps, index=ib,
+            )  # fmt: skip
+            for key, value in (
+                ("log_likelihood", r.log_likelihood),
+                ("log_likelihood_mc_stderr", r.mc_stderr),
+                ("ess", r.ess),
+                ("acceptance_rate", r.acceptance_rate),
+            ):
+                parts.setdefault(key, []).append(value.double().cpu().numpy())
+            bar.update(len(xb))
+    per_datum = {key: np.concatenate(values) for key, values in parts.items()}
+    log_lik, se = _mean_and_stderr(per_datum["log_likelihood"])
+    n = len(x)
+    summary: dict[str, Any] = {
+        "estimator": "ais",
+        "split": split,
+        "num_data": n,
+        "num_samples": chains,
+        "ais_steps": steps,
+        "chains": chains,
+        "leapfrog_steps": leapfrog_steps,
+        "proposal": start,
+        "seed": seed,
+        "log_likelihood": log_lik,
+        "log_likelihood_stderr": se,
+        "log_likelihood_mc_stderr": float(
+            np.sqrt(np.sum(per_datum["log_likelihood_mc_stderr"] ** 2)) / n
+        ),
+        "acceptance_rate": float(np.nanmean(per_datum["acceptance_rate"])),
+        "elbo": None,
+        "iwae": {},
+        "ess_mean": float(np.mean(per_datum["ess"])),
+        "ess_min": float(np.min(per_datum["ess"])),
+        "khat_fraction_above_0_7": None,
+        "khat_mean": None,
+        "khat_max": None,
+        "errors": dict(ERROR_LABELS),
+        "seconds": time.perf_counter() - start_time,
+    }
+    exact = linear_gaussian(vae)
+    if exact is not None:
+        summary["exact_log_likelihood"] = float(exact.log_likelihood(x).mean())
+    return Evaluation(summary, per_datum)
+
+
+def bdmc_run(
+    run_dir: str | Path,
+    num_data: int,
+    *,
+    steps: int = 500,
+    chains: int = 16,
+    num_samples: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Bidirectional Monte Carlo on data simulated from a run's model; writes ``RUN_DIR/bdmc.json``.
+
+    Forward AIS from the prior (a stochastic lower bound of :math:`\\log p(x)`) and
+    reverse AIS from the exact posterior sample (an upper bound) sandwich each
+    simulated datum's :math:`\\log p(x)` (:func:`pyro_vae.ais.bdmc`; Grosse,
+    Ghahramani & Adams 2015). On the same data, the importance sampling
+    estimate with ``K = num_samples`` guide samples and the ELBO are placed
+    against the sandwich: how far below the truth the IS number sits on data
+    like the model's own, measured.
+
+    Returns:
+        The summary written to ``bdmc.json``: ``lower``, ``upper``, ``gap`` (means
+        with Monte Carlo SEs), ``is_log_likelihood``, ``elbo``,
+        ``is_below_lower`` (IS mean minus the lower bound), the settings.
+    """
+    from .ais import bdmc
+    from .checkpoint import load, read_run_config
+    from .train import resolve_device
+
+    if num_data < 1:
+        raise ConfigError(f"--bdmc N: N must be >= 1, got {num_data}")
+    run_dir = Path(run_dir)
+    vae = load(run_dir, device=str(resolve_device(device)))
+    k = read_run_config(run_dir).eval.num_samples if num_samples is None else num_samples
+    with run_lock(run_dir) if write else nullcontext(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        start_time = time.perf_counter()
+        result = bdmc(vae, num_data, steps=steps, chains=chains)
+        if vae.posterior.is_point_estimate:
+            is_est = None
+        else:
+            is_est = evaluate(vae, result.x, num_samples=k, iwae_k=[1], seed=seed, max_seconds=None)
+        n = num_data
+        lower, lower_se = mean_se_pair(result.lower, result.lower_stderr)
+        upper, upper_se = mean_se_pair(result.upper, result.upper_stderr)
+        summary: dict[str, Any] = {
+            "run_dir": str(run_dir),
+            "num_data": n,
+            "ais_steps": steps,
+            "chains": chains,
+            "seed": seed,
+            "lower": lower,
+            "lower_mc_stderr": lower_se,
+            "upper": upper,
+            "upper_mc_stderr": upper_se,
+            "gap": upper - lower,
+            "num_samples": k,
+            "is_log_likelihood": None if is_est is None else is_est.summary["log_likelihood"],
+            "elbo": None if is_est is None else is_est.summary["elbo"],
+            "seconds": time.perf_counter() - start_time,
+        }
+        if is_est is not None:
+            summary["is_minus_lower"] = summary["is_log_likelihood"] - lower
+            summary["elbo_minus_lower"] = summary["elbo"] - lower
+        if write:
+            text = json.dumps(_json_safe(summary), indent=2) + "\n"
+            atomic_write_bytes(run_dir / BDMC_FILE, text.encode())
+    return summary
+
+
+def mean_se_pair(values: torch.Tensor, stderr: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-datum estimates and the Monte Carlo SE of that mean."""
+    return float(values.double().mean()), float(stderr.double().pow(2).sum().sqrt() / len(values))
