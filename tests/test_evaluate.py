@@ -241,10 +241,9 @@ def test_refinement_reaches_the_optimal_diagonal_normal():
     assert (elbo_gap >= 0).all() and elbo_gap.mean() < 0.002
 
 
-@pytest.mark.parametrize("latent_dim", [2, 8])
-def test_the_refined_q_star_falls_short_of_the_exact_optimum_by_under_0_002_nats(latent_dim):
-    """Linear-Gaussian model: ELBO(q) = log p(x) - KL(q || p(z|x)) in closed form."""
-    vae = linear_vae(latent_dim=latent_dim)
+def test_the_refined_q_star_falls_short_of_the_exact_optimum_by_under_0_002_nats_in_8d():
+    """Linear-Gaussian model: ELBO(q) = log p(x) - KL(q || p(z|x)) in closed form (2-D: above)."""
+    vae = linear_vae(latent_dim=8)
     lg = linear_gaussian(vae)
     x = sample_data(vae, 40)
     q = shifted_diagonal(lg, shift=1.0, inflate=2.0)(x)
