@@ -161,8 +161,11 @@ def test_em_run_evaluates_on_training_data_and_on_unseen_data(em_run):
     seen = evaluate_run(out, split="train", num_samples=50, max_data=10, write=False).summary
     unseen = evaluate_run(out, split="test", num_samples=50, max_data=10, write=False).summary
     for s in (seen, unseen):
-        assert s["exact_log_likelihood"] is not None
-        assert s["elbo"] <= s["log_likelihood"] + 0.5
+        # on the same draws mean log w <= log mean w (Jensen): no slack at all; and IS is
+        # a stochastic lower bound of the exact log p(x) (here far below it: K = 50 from a
+        # q fitted in 3 epochs, heavy-tailed weights)
+        assert s["elbo"] <= s["log_likelihood"]
+        assert s["log_likelihood"] <= s["exact_log_likelihood"] + 3 * s["log_likelihood_mc_stderr"]
 
 
 EM_SMALL = {**PPCA, "train.epochs": 2, "train.batch_size": 500, "model.encoder.hidden": [8]}

@@ -444,6 +444,20 @@ def test_same_seed_same_numbers_and_chunking_does_not_change_the_shapes():
         assert log_importance_weights(model, x, 13, chunk_size=chunk).shape == (13, 30)
 
 
+def test_chunking_leaves_the_distribution_of_the_estimate_unchanged():
+    """One particle per decoder call against all at once: the same estimator, other draws."""
+    vae = linear_vae()
+    lg = linear_gaussian(vae)
+    x = sample_data(vae, 30)
+    model = with_guide(vae, shifted_diagonal(lg, shift=0.5, inflate=1.5))
+    exact = lg.log_likelihood(x).numpy()
+    for chunk in (30, 100_000):  # 1 particle of 30 data per call; all 400 particles at once
+        result = evaluate(model, x, num_samples=400, seed=chunk, chunk_size=chunk)
+        per = result.per_datum
+        se = mc_mean_stderr(per["log_likelihood_mc_stderr"])
+        assert abs(per["log_likelihood"].mean() - exact.mean()) <= 3 * se
+
+
 # --- the command line -----------------------------------------------------------
 
 
@@ -484,6 +498,15 @@ def test_cli_evaluate_reports_exact_log_likelihood_and_writes_files(ppca_run, ca
         assert key in summary, key
     assert summary["num_data"] == 20 and summary["num_samples"] == 200
     assert summary["split"] == "test" and set(summary["iwae"]) == {"1", "10", "100"}
+    # values, not just keys: IS near the closed form, L_1 the ELBO, the bounds in order,
+    # the gaps adding up
+    exact, mc_se = summary["exact_log_likelihood"], summary["log_likelihood_mc_stderr"]
+    assert abs(summary["log_likelihood"] - exact) <= 3 * mc_se
+    assert summary["iwae"]["1"] == pytest.approx(summary["elbo"], abs=1e-9)
+    iwae = [summary["iwae"][k] for k in ("1", "10", "100")]
+    assert iwae == sorted(iwae) and iwae[-1] <= summary["log_likelihood"] + 1e-9
+    total = summary["approximation_gap"] + summary["amortization_gap"]
+    assert summary["total_gap"] == pytest.approx(total, abs=1e-9)
     with np.load(ppca_run / PER_DATUM_FILE) as f:
         per = {k: f[k] for k in f.files}
     for key in ("log_likelihood", "elbo", "ess", "khat", "approximation_gap", "amortization_gap"):
