@@ -499,10 +499,10 @@ _show_warning = warnings.showwarning
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)  # --help and --version: no torch loaded
     from . import build, em  # noqa: F401  (every component and method registered)
     from .plugins import import_plugins
 
-    args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = partial(_note, args.command)

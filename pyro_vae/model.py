@@ -80,6 +80,10 @@ class PyroProgram(nn.Module):
         return getattr(self.vae, self.program)(*args, **kwargs)
 
 
+#: Draws averaged by :meth:`VAE.encode` for a posterior with no closed-form mean.
+MEAN_DRAWS = 256
+
+
 class VAE(nn.Module):
     """A variational autoencoder ``VAE(prior, guide, likelihood)``.
 
@@ -108,6 +112,10 @@ class VAE(nn.Module):
       ``differentiable_loss(vae.model, vae.guide, x)`` (what
       :func:`pyro_vae.fit` does), or on ``Trace_ELBO()(vae.model, vae.guide)``;
     * Pyro's ``SVI(vae.model, vae.guide, pyro.optim.Adam(...), Trace_ELBO())``.
+
+    As a tool (no gradients): ``encode(x)`` ``(B, D)``, ``decode(z)``
+    ``(..., *event_shape)``, ``sample(n)`` ``(n, *event_shape)`` and
+    ``reconstruct(x)`` (the shape of ``x``).
 
     Args:
         prior: The prior module.
@@ -195,6 +203,50 @@ class VAE(nn.Module):
         if kl_scale == 1.0:
             return nullcontext()
         return poutine.scale(scale=kl_scale)
+
+    # --- the model as a tool: no gradients, stated shapes --------------------------
+
+    @torch.no_grad()
+    def encode(
+        self, x: torch.Tensor, index: torch.Tensor | None = None, *, sample: bool = False
+    ) -> torch.Tensor:
+        """Latent codes of data ``x`` ``(B, *event_shape)``: shape ``(B, D)``.
+
+        The mean of :math:`q(z|x)`, or one draw with ``sample=True``. A family
+        with no closed-form mean (a flow such as ``iaf``) gives the average of
+        :data:`MEAN_DRAWS` draws.
+        """
+        q = self.posterior(x, index)
+        if sample:
+            return q.sample()
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample((MEAN_DRAWS,)).mean(0)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean :math:`\\mathbb E[x|z]` for codes ``z`` ``(..., D)``.
+
+        Returns:
+            Shape ``(..., *event_shape)`` (pixel probabilities for Bernoulli data).
+        """
+        return self.likelihood(z).mean
+
+    @torch.no_grad()
+    def sample(self, num: int) -> torch.Tensor:
+        """``num`` data drawn through the prior, :math:`z \\sim p(z)`, :math:`x \\sim p(x|z)`.
+
+        Returns:
+            Shape ``(num, *event_shape)``.
+        """
+        z = self.prior().sample((num,))
+        return self.likelihood(z).sample()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``decode(encode(x))``: the mean reconstruction, shape ``x.shape``."""
+        return self.decode(self.encode(x, index))
 
     @property
     def latent_dim(self) -> int:

@@ -148,3 +148,36 @@ def test_fused_bernoulli_log_prob_equals_pyro_bernoulli():
     assert fused.expand((2, 3, 5)).log_prob(x).shape == (2, 3, 5)
     with pytest.raises(ValueError):
         fused.log_prob(x * 0.5)
+
+
+@pytest.mark.parametrize("guide", ["mean-field", "iaf"])
+def test_encode_decode_sample_reconstruct_have_the_documented_shapes(guide):
+    import pyro_vae
+
+    model = pyro_vae.ModelConfig(
+        latent_dim=3,
+        guide=pyro_vae.ComponentConfig(guide),
+        encoder=pyro_vae.ComponentConfig("mlp", {"hidden": [8]}),
+        decoder=pyro_vae.ComponentConfig("mlp", {"hidden": [8]}),
+    )
+    vae = pyro_vae.build_vae(pyro_vae.resolve(pyro_vae.Config(model=model)).model, (4, 5))
+    x = torch.bernoulli(torch.full((6, 4, 5), 0.3))
+    z = vae.encode(x)
+    assert z.shape == (6, 3) and not z.requires_grad
+    assert vae.encode(x, sample=True).shape == (6, 3)
+    assert vae.decode(z).shape == (6, 4, 5) and vae.decode(torch.zeros(2, 6, 3)).shape == (
+        2,
+        6,
+        4,
+        5,
+    )
+    assert ((vae.decode(z) >= 0) & (vae.decode(z) <= 1)).all()  # Bernoulli: pixel probabilities
+    samples = vae.sample(7)
+    assert samples.shape == (7, 4, 5) and set(samples.unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(1)  # iaf: the mean of q is an average of draws
+    reconstruction = vae.reconstruct(x)
+    torch.manual_seed(1)
+    assert reconstruction.shape == x.shape
+    assert torch.equal(reconstruction, vae.decode(vae.encode(x)))
+    if guide == "mean-field":  # the mean of q(z|x), exactly
+        torch.testing.assert_close(z, vae.posterior(x).mean.detach())
