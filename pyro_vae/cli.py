@@ -398,13 +398,18 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.png", help="output PNG (default RUN_DIR/samples.png)")
     p.add_argument("--nrow", type=_positive_int, help="images per row (default about sqrt(n))")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
+    p.add_argument(
+        "--scale",
+        type=_positive_int,
+        help="screen pixels per image pixel (default: a grid at least 256 px wide)",
+    )
 
 
 def run_sample(args: argparse.Namespace) -> int:
     """Decode ``n`` prior samples of a run into one PNG grid."""
     from .report import write_samples
 
-    out = write_samples(args.run_dir, args.num, args.out, args.nrow, args.seed)
+    out = write_samples(args.run_dir, args.num, args.out, args.nrow, args.seed, args.scale)
     print(f"{args.num} samples written to {out}")
     return 0
 

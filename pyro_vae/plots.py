@@ -775,11 +775,26 @@ def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
     return fig
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> Path:
-    """Write ``images`` ``(B, H, W)`` or ``(B, C, H, W)`` as one PNG grid; returns the path."""
+#: The narrowest PNG grid :func:`save_image_grid` writes by default, in pixels.
+MIN_GRID_WIDTH = 256
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike[str], nrow: int, scale: int | None = None
+) -> Path:
+    """Write ``images`` ``(B, H, W)`` or ``(B, C, H, W)`` as one PNG grid; returns the path.
+
+    Each pixel becomes a ``scale`` x ``scale`` block (nearest neighbour); by
+    default the smallest scale that makes the grid at least
+    :data:`MIN_GRID_WIDTH` pixels wide (8 x 8 digits would be a stamp otherwise).
+    """
     from torchvision.utils import save_image
 
+    grid = image_grid(images, nrow=nrow, padding=2)
+    if scale is None:
+        scale = max(1, math.ceil(MIN_GRID_WIDTH / grid.shape[-1]))
+    grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(images, nrow=nrow, padding=2), path, format="png")
+    save_image(grid, path, format="png")
     return path

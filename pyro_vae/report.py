@@ -841,8 +841,11 @@ def write_samples(
     out: str | os.PathLike[str] | None = None,
     nrow: int | None = None,
     seed: int = 0,
+    scale: int | None = None,
 ) -> Path:
     """Decode ``num`` prior samples of a run into one PNG grid; returns its path.
+
+    ``scale``: pixels per image pixel (default: a grid at least 256 px wide).
 
     Raises:
         DataError: the run's data are not images.
@@ -863,5 +866,5 @@ def write_samples(
             "sample writes image grids for data of shape (H, W) or (C, H, W)"
         )
     images = plots.sample_prior_images(vae, num, seed)
-    plots.save_image_grid(images, path, nrow or math.ceil(math.sqrt(num)))
+    plots.save_image_grid(images, path, nrow or math.ceil(math.sqrt(num)), scale)
     return path

@@ -240,8 +240,12 @@ def test_cli_sample_writes_an_image_grid(run, tmp_path):
     assert main(["sample", str(run), "-n", "10", "--out", str(out)]) == 0
     assert torch.equal(torch.rand(2), expected)  # the global RNG is left alone
     image = Image.open(out)
-    # 10 images of 8x8 in rows of ceil(sqrt(10)) = 4, 2-pixel padding: 3 rows
-    assert image.format == "PNG" and image.size == (4 * 10 + 2, 3 * 10 + 2)
+    # 10 images of 8x8 in rows of ceil(sqrt(10)) = 4, 2-pixel padding: 3 rows of a 42 x 32
+    # grid, each pixel a 7 x 7 block by default (the smallest scale with 256 px across)
+    assert image.format == "PNG" and image.size == (7 * (4 * 10 + 2), 7 * (3 * 10 + 2))
+    small = tmp_path / "small.png"
+    assert main(["sample", str(run), "-n", "10", "--scale", "1", "--out", str(small)]) == 0
+    assert Image.open(small).size == (4 * 10 + 2, 3 * 10 + 2)
     again = tmp_path / "again.png"
     assert main(["sample", str(run), "-n", "10", "--out", str(again)]) == 0
     assert again.read_bytes() == out.read_bytes()  # same seed, same picture
