@@ -14,6 +14,7 @@ The modules form layers; each imports only from the layers below it
 4. ``model``: ``VAE(prior, guide, likelihood)``, the Pyro model and guide;
 5. ``elbo``, ``weights``, ``objectives``, ``data``, ``exact``, ``build``, ``checkpoint``:
    computations on a model, objectives, data, building and run directories;
+   ``export``: TorchScript files of a trained model;
 6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
 7. ``ais``, ``evaluate``, ``diagnostics``: evaluation; ``plots``, ``report``,
    ``course``: presentation;

@@ -414,6 +414,29 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ---------------------------------------------------------------------
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pyro-vae export``."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
+    p.add_argument("--format", default="torchscript", choices=("torchscript",))
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/export)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Write the encoder mean and the decoder as standalone TorchScript files."""
+    from .checkpoint import load
+    from .export import export
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    paths = export(load(args.run_dir), out, args.format)
+    print(f"wrote {' and '.join(map(str, paths))}; load them with torch.jit.load alone")
+    return 0
+
+
 # --- list -----------------------------------------------------------------------
 
 
@@ -464,6 +487,11 @@ COMMANDS: dict[
     ),
     "report": ("write RUN_DIR/report.html (figures, metrics)", add_report_arguments, run_report),
     "sample": ("decode prior samples of a run into a PNG grid", add_sample_arguments, run_sample),
+    "export": (
+        "write the encoder mean and the decoder as TorchScript files (no pyro_vae needed)",
+        add_export_arguments,
+        run_export,
+    ),
 }
 
 

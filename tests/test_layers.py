@@ -28,6 +28,7 @@ LAYERS = [
     ["objectives", "exact"],
     ["build"],
     ["checkpoint"],
+    ["export"],
     ["distributed"],
     ["train"],
     ["em"],

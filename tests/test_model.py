@@ -181,3 +181,30 @@ def test_encode_decode_sample_reconstruct_have_the_documented_shapes(guide):
     assert torch.equal(reconstruction, vae.decode(vae.encode(x)))
     if guide == "mean-field":  # the mean of q(z|x), exactly
         torch.testing.assert_close(z, vae.posterior(x).mean.detach())
+
+
+def test_exported_encoder_and_decoder_load_without_pyro_vae_and_match(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from pyro_vae.cli import main
+
+    run_dir, _ = tiny_run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    vae = pyro_vae.load(run_dir)
+    x = torch.bernoulli(torch.full((5, *vae.event_shape), 0.3))
+    z = torch.randn(7, vae.latent_dim)
+    torch.save(
+        {"x": x, "z": z, "encoded": vae.encode(x), "decoded": vae.decode(z)}, tmp_path / "io.pt"
+    )
+    code = (
+        "import sys, torch\n"
+        f"d = {str(tmp_path)!r}\n"
+        "io = torch.load(d + '/io.pt')\n"
+        "encoder = torch.jit.load(d + '/export/encoder.pt')\n"
+        "decoder = torch.jit.load(d + '/export/decoder.pt')\n"
+        "torch.testing.assert_close(encoder(io['x']), io['encoded'], rtol=0, atol=1e-5)\n"
+        "torch.testing.assert_close(decoder(io['z']), io['decoded'], rtol=0, atol=1e-5)\n"
+        "assert not any(m.startswith(('pyro_vae', 'pyro')) for m in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
