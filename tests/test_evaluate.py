@@ -245,7 +245,7 @@ def test_the_refined_q_star_falls_short_of_the_exact_optimum_by_under_0_002_nats
     """Linear-Gaussian model: ELBO(q) = log p(x) - KL(q || p(z|x)) in closed form (2-D: above)."""
     vae = linear_vae(latent_dim=8)
     lg = linear_gaussian(vae)
-    x = sample_data(vae, 40)
+    x = sample_data(vae, 20)
     q = shifted_diagonal(lg, shift=1.0, inflate=2.0)(x)
     torch.manual_seed(0)
     refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)
@@ -268,7 +268,7 @@ def _gauss_hermite_elbo(vae, x, loc, log_scale, points=40):
 def test_the_refined_q_star_reaches_the_quadrature_optimum_of_a_2d_model():
     """A tanh decoder (no closed form): the exact optimum by L-BFGS on a quadrature ELBO."""
     vae = linear_vae(hidden=[16])
-    x = sample_data(vae, 20)
+    x = sample_data(vae, 10)
     with torch.no_grad():
         q = vae.posterior(x)
     loc = q.base_dist.loc.detach().clone().requires_grad_(True)

@@ -22,7 +22,7 @@ hidden = [16]
 name = "mlp"
 hidden = [16]
 [train]
-epochs = 20
+epochs = 12
 batch_size = 50
 """
 

@@ -18,14 +18,19 @@ def test_readme_has_the_install_and_test_commands_ci_runs():
 
 
 def test_every_python_block_of_the_readme_runs(tmp_path):
-    """The README's Python blocks, in order, as one script in an empty folder (offline)."""
+    """The README's Python blocks, in order, as one script in an empty folder (offline).
+
+    The plugin example (``<!-- example:plugin -->``) runs in its own test, in Python
+    and across processes (``tests/test_engine.py``).
+    """
     import os
     import subprocess
     import sys
 
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 3
+    blocks = re.findall(r"(<!-- example:plugin -->\s*)?```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 3 and sum(bool(mark) for mark, _ in blocks) == 1
+    blocks = [code for mark, code in blocks if not mark]
     script = tmp_path / "readme.py"
     script.write_text("\n\n".join(blocks))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
