@@ -228,7 +228,7 @@ def test_pareto_khat_separates_light_and_heavy_tailed_weights():
 def test_refinement_reaches_the_optimal_diagonal_normal():
     vae = linear_vae()
     lg = linear_gaussian(vae)
-    x = sample_data(vae, 40)
+    x = sample_data(vae, 20)
     q = shifted_diagonal(lg, shift=1.0, inflate=2.0)(x)
     torch.manual_seed(0)
     refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)

@@ -23,7 +23,7 @@ name = "mlp"
 hidden = [16]
 [train]
 epochs = 12
-batch_size = 50
+batch_size = 100
 """
 
 
