@@ -245,7 +245,7 @@ def test_the_refined_q_star_falls_short_of_the_exact_optimum_by_under_0_002_nats
     """Linear-Gaussian model: ELBO(q) = log p(x) - KL(q || p(z|x)) in closed form (2-D: above)."""
     vae = linear_vae(latent_dim=8)
     lg = linear_gaussian(vae)
-    x = sample_data(vae, 20)
+    x = sample_data(vae, 10)
     q = shifted_diagonal(lg, shift=1.0, inflate=2.0)(x)
     torch.manual_seed(0)
     refined = refine_posterior(vae, x, q.base_dist.loc, q.base_dist.scale)
