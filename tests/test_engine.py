@@ -385,24 +385,34 @@ def test_a_run_directory_has_one_writer_and_a_killed_holder_releases_it(tmp_path
     assert not (out / "evaluation.json").exists()
 
 
+def _train_in_child(argv, cwd, err_path):
+    """A forked child: ``pyro-vae ARGV`` in ``cwd``, stderr to a file, exit with its code."""
+    import contextlib
+
+    os.chdir(cwd)
+    with open(err_path, "w") as err, contextlib.redirect_stderr(err):
+        code = main(argv)
+    os._exit(code)
+
+
 def test_two_trainings_started_together_on_one_out(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Two trainings on one --out at the same moment (forked: no imports to wait for)."""
+    import multiprocessing
+
     args = ["train", "--epochs", "2", "--latent-dim", "2", "--batch-size", "500", "--quiet"]
     args += ["--set", "model.encoder.hidden=[16]", "--set", "model.decoder.hidden=[16]"]
     args += ["--out", "run"]
+    context = multiprocessing.get_context("fork")
     runs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pyro_vae", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for _ in range(2)
+        context.Process(target=_train_in_child, args=(args, tmp_path, tmp_path / f"err{i}"))
+        for i in range(2)
     ]
-    codes = sorted(r.wait(timeout=300) for r in runs)
-    errors = [r.stderr.read() for r in runs]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=300)
+    codes = sorted(run.exitcode for run in runs)
+    errors = [(tmp_path / f"err{i}").read_text() for i in range(2)]
     assert codes == [0, 2], errors
     refusal = next(e for e in errors if e.strip())
     assert len(refusal.strip().splitlines()) == 1
