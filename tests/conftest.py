@@ -70,3 +70,13 @@ def tiny_run(tmp_path_factory):
     with torch.random.fork_rng():
         result = pyro_vae.fit(tiny_run_config(), run_dir)
     return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def ppca_run(tmp_path_factory):
+    """A 2-epoch linear-Gaussian run on ``ppca`` (closed-form log p(x)); one per test module."""
+    from test_evaluate import train_ppca
+
+    out = tmp_path_factory.mktemp("runs") / "ppca"
+    train_ppca(out)
+    return out

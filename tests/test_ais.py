@@ -235,15 +235,6 @@ def test_validation_defaults_are_left_alone(default):
 # --- the command line: evaluate --estimator ais, evaluate --bdmc, the report ----------
 
 
-@pytest.fixture(scope="module")
-def ppca_run(tmp_path_factory):
-    from test_evaluate import train_ppca
-
-    run = tmp_path_factory.mktemp("ais") / "ppca"
-    train_ppca(run)
-    return run
-
-
 def test_cli_ais_matches_the_exact_log_likelihood_of_a_linear_run(ppca_run, capsys):
     import json
 

@@ -468,13 +468,6 @@ def train_ppca(out, *extra):
     assert main(args) == 0
 
 
-@pytest.fixture(scope="module")
-def ppca_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "ppca"
-    train_ppca(out)
-    return out
-
-
 def test_cli_evaluate_reports_exact_log_likelihood_and_writes_files(ppca_run, capsys):
     args = ["evaluate", str(ppca_run), "--num-samples", "200", "--iwae-k", "1,10,100"]
     assert main([*args, "--max-data", "20", "--gaps"]) == 0
