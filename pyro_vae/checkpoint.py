@@ -25,6 +25,10 @@ from .plugins import import_plugins
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: The weights with the best validation ELBO so far (no optimizer state; not resumable).
+BEST_FILE = "best.pt"
+#: ``load_run(..., checkpoint=NAME)``: which file of a run to load.
+CHECKPOINTS = {"last": CHECKPOINT_FILE, "best": BEST_FILE}
 METRICS_FILE = "metrics.jsonl"
 #: The layout written now: one for every training method (``strategy`` holds the
 #: optimizers' states). Format 1 (pyro-vae 0.1) is read and upgraded.
@@ -34,10 +38,13 @@ READABLE_FORMATS = (1, 2)
 _OLD_EM_WRITER = "pyro_vae.em.fit_em"
 
 __all__ = [
+    "BEST_FILE",
+    "CHECKPOINTS",
     "CHECKPOINT_FILE",
     "CONFIG_FILE",
     "METRICS_FILE",
     "atomic_write_bytes",
+    "checkpoint_path",
     "load",
     "load_checkpoint",
     "load_state",
@@ -70,13 +77,32 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str = "cpu") -> dict[str, Any]:
-    """Read ``run_dir/checkpoint.pt`` (tensors only, ``weights_only``).
+def checkpoint_path(run_dir: str | os.PathLike[str], checkpoint: str = "last") -> Path:
+    """The file of ``checkpoint`` (``last`` or ``best``, see :data:`CHECKPOINTS`) in ``run_dir``.
+
+    Raises:
+        CheckpointError: an unknown name, or a ``best`` the run has not written.
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise CheckpointError(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
+    path = Path(run_dir) / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not path.exists() and (Path(run_dir) / CHECKPOINT_FILE).exists():
+        raise CheckpointError(
+            f"{run_dir} has no {BEST_FILE}: it was trained without a valid split, or by a "
+            "version before 0.3 (resume it to start keeping one); use --checkpoint last"
+        )
+    return path
+
+
+def load_checkpoint(
+    run_dir: str | os.PathLike[str], map_location: str = "cpu", checkpoint: str = "last"
+) -> dict[str, Any]:
+    """Read ``run_dir/checkpoint.pt`` (or ``best.pt``), tensors only (``weights_only``).
 
     Raises:
         CheckpointError: when the file is missing, unreadable or of another format.
     """
-    path = Path(run_dir) / CHECKPOINT_FILE
+    path = checkpoint_path(run_dir, checkpoint)
     if not path.exists():
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {path})")
     try:
@@ -152,13 +178,18 @@ def load_state(vae: VAE, state_dict: dict[str, torch.Tensor], where: str) -> Non
         ) from None
 
 
-def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> VAE:
+def load(run_dir: str | os.PathLike[str], device: str = "cpu", checkpoint: str = "last") -> VAE:
     """The trained VAE of a run directory (see :func:`load_run`)."""
-    return load_run(run_dir, device)[0]
+    return load_run(run_dir, device, checkpoint)[0]
 
 
-def load_run(run_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[VAE, dict[str, Any]]:
+def load_run(
+    run_dir: str | os.PathLike[str], device: str = "cpu", checkpoint: str = "last"
+) -> tuple[VAE, dict[str, Any]]:
     """The trained VAE of a run directory, on ``device`` (CPU by default), in eval mode; its state.
+
+    ``checkpoint="best"`` loads ``best.pt``, the weights with the best
+    validation ELBO (its state has ``epoch`` and ``valid_elbo``).
 
     The run's plugins (``plugins`` in its ``config.toml``) are imported first;
     a component that no plugin registers is a one-line error naming the fix.
@@ -173,8 +204,8 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[VAE,
         config = resolve(config)
     except PyroVAEError as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from None
-    state = load_checkpoint(run_dir, map_location=device)
+    state = load_checkpoint(run_dir, map_location=device, checkpoint=checkpoint)
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the RNG be
         vae = build_vae(config.model, tuple(state["event_shape"]), state.get("num_data"))
-    load_state(vae, state["model"], str(run_dir / CHECKPOINT_FILE))
+    load_state(vae, state["model"], str(checkpoint_path(run_dir, checkpoint)))
     return vae.to(device).eval(), state

@@ -96,7 +96,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override any config key, e.g. --set model.likelihood.scale=0.1",
+        help="override any config key, e.g. --set model.likelihood.scale=0.1 (with --resume: "
+        "train.KEY for the schedule, selection and clipping keys)",
     )
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/DATASET-TIME)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
@@ -111,21 +112,44 @@ def _run_train(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     progress, log = (False, None) if args.quiet else (True, print)
     if args.resume:
+        from .train import RESUMABLE_KEYS
+
         extra = sorted(set(given) - _RESUMABLE) + (["config"] if args.config else [])
-        extra += ["set"] if args.set else []
         extra += ["out"] if args.out else []
         extra += ["plugin"] if args.plugin else []
         if extra:
             flag = "--" + extra[0].replace("_", "-")
             raise ConfigError(
-                f"{flag} cannot change a run being resumed; only --epochs and --device can"
+                f"{flag} cannot change a run being resumed; only --epochs, --device and "
+                "--set train.KEY=VALUE for schedule keys can"
             )
+        changes = {}
+        for key, value in (parse_override(s) for s in args.set):
+            name = key.removeprefix("train.")
+            if key == name or name not in RESUMABLE_KEYS:
+                raise ConfigError(
+                    f"--set {key} cannot change a run being resumed; resumable: "
+                    + ", ".join(f"train.{k}" for k in RESUMABLE_KEYS)
+                )
+            changes[name] = value
         result = resume(
-            args.resume, epochs=args.epochs, device=args.device, progress=progress, log=log
+            args.resume,
+            epochs=args.epochs,
+            device=args.device,
+            changes=changes,
+            progress=progress,
+            log=log,
         )
         out = Path(args.resume)
         if result.epochs_run <= 0:
             done = result.history[-1]["epoch"] if result.history else 0
+            if result.stopped_early is not None:
+                print(
+                    f"{out} stopped early at epoch {result.stopped_early} (no better validation "
+                    f"ELBO for {result.config.train.early_stopping_patience} epochs): nothing to "
+                    "do; pass --set train.early_stopping_patience=P with a larger P to train on"
+                )
+                return 0
             print(
                 f"{out} is already at epoch {done} of {result.config.train.epochs}: nothing to "
                 f"do; pass --epochs larger than {done} to train on"
@@ -168,11 +192,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not is_main():  # [distributed] under torchrun, rank 0 prints the summary
         return 0
-    if result.history and not args.quiet:
-        first, last = result.history[0], result.history[-1]
+    tested = [r for r in result.history if "test_elbo" in r]
+    if tested and not args.quiet:
+        first, last = tested[0], tested[-1]
         print(
             f"test ELBO {first['test_elbo']:.2f} (epoch {first['epoch']}) -> "
             f"{last['test_elbo']:.2f} (epoch {last['epoch']}) nats per datum"
+        )
+    if result.best is not None and not args.quiet:
+        print(
+            f"best validation ELBO {result.best['valid_elbo']:.2f} at epoch "
+            f"{result.best['epoch']} (weights in {out / 'best.pt'})"
         )
     print(f"run saved in {out}; load it with pyro_vae.load({str(out)!r})")
     return 0
@@ -214,6 +244,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         choices=("is", "ais"),
         default="is",
         help="is: importance sampling (default); ais: annealed importance sampling with HMC",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=("last", "best"),
+        default="last",
+        help="last: checkpoint.pt (default); best: best.pt, the best validation ELBO",
     )
     p.add_argument("--ais-steps", type=_positive_int, default=500, metavar="T", help="AIS steps")
     p.add_argument("--chains", type=_positive_int, default=16, metavar="C", help="AIS chains")
@@ -301,6 +337,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         ais_steps=args.ais_steps,
         chains=args.chains,
+        checkpoint=args.checkpoint,
     )
     if not args.quiet:
         print(result.table())

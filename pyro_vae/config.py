@@ -168,6 +168,10 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.latent_dim must be >= 1, got {self.latent_dim}")
 
 
+#: The learning-rate schedules of ``train.lr_schedule``.
+LR_SCHEDULES = ("none", "exponential", "plateau")
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """Optimization settings.
@@ -190,6 +194,24 @@ class TrainConfig(_Section):
             per datum, E- and M-steps); both run in :func:`~pyro_vae.train.fit`.
         e_steps: ``variational-em``: E-step updates of the minibatch's q per M-step.
         local_lr: ``variational-em``: Adam learning rate of the per-datum q.
+        eval_every: Evaluate the ELBO of the evaluation splits (``valid`` and
+            ``test``) every this many epochs, and at the last epoch.
+        early_stopping_patience: Stop when the validation ELBO has not improved
+            for this many epochs, counted from the end of the KL warm-up; 0 never
+            stops early. Needs a ``valid`` split.
+        lr_schedule: ``none`` (constant), ``exponential`` (the learning rate is
+            multiplied by ``lr_gamma`` after every epoch) or ``plateau``
+            (multiplied by ``lr_gamma`` when the validation ELBO has not improved
+            for ``lr_patience`` epochs; PyTorch's ``ReduceLROnPlateau``). The
+            learning rate never goes below ``lr_min``.
+        lr_gamma: The schedule's factor, in (0, 1].
+        lr_patience: ``plateau``: epochs without improvement before a decay.
+        lr_min: The smallest learning rate a schedule reaches.
+        clip_norm: Clip the gradient's global 2-norm to this value before each
+            step (``torch.nn.utils.clip_grad_norm_``); 0 means no clipping.
+
+    The run keeps ``best.pt``, the checkpoint with the highest validation ELBO
+    so far, whenever the data have a ``valid`` split.
     """
 
     elbo: str = "meanfield"
@@ -205,18 +227,35 @@ class TrainConfig(_Section):
     method: str = "svi"
     e_steps: int = 5
     local_lr: float = 0.05
+    eval_every: int = 1
+    early_stopping_patience: int = 0
+    lr_schedule: str = "none"
+    lr_gamma: float = 0.5
+    lr_patience: int = 10
+    lr_min: float = 0.0
+    clip_norm: float = 0.0
     _section = "train"
 
     def _check(self) -> None:
-        for key in ("num_particles", "epochs", "batch_size", "e_steps"):
+        for key in ("num_particles", "epochs", "batch_size", "e_steps", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "local_lr"):
             if not 0 < getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and > 0, got {getattr(self, key)}")
-        for key in ("beta", "kl_warmup_epochs", "free_bits"):
+        for key in (
+            "beta", "kl_warmup_epochs", "free_bits", "early_stopping_patience", "lr_patience",
+            "lr_min", "clip_norm",
+        ):  # fmt: skip
             if not 0 <= getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"train.lr_schedule: unknown schedule {self.lr_schedule!r}; "
+                f"valid: {', '.join(LR_SCHEDULES)}"
+            )
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
             raise ConfigError(f"train.device: unknown device {self.device!r}; valid: cpu, cuda")
 

@@ -380,6 +380,7 @@ class DistributedSVI:
         position: tuple[int, int],
         stop: bool = False,
         kl_scale: float = 1.0,
+        clip_norm: float = 0.0,
     ) -> tuple[float, bool]:
         """One SVI step on the global minibatch ``x`` (the same on every rank).
 
@@ -395,6 +396,8 @@ class DistributedSVI:
             position: ``(epoch, step)``, which seeds this rank's noise.
             stop: Whether this rank wants to stop (Ctrl-C).
             kl_scale: β, the weight of the KL term.
+            clip_norm: Clip the averaged gradient's 2-norm to this (0: never);
+                the same on every rank, since DDP averaged the gradients first.
 
         Returns:
             ``(loss, stop)``: the global loss
@@ -419,6 +422,9 @@ class DistributedSVI:
         work.wait()
         value = float(totals[0]) / world_size()
         if math.isfinite(value):
+            if clip_norm > 0:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
             optimizer.step()
         return value, bool(totals[1] > 0)
 

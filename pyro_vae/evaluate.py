@@ -857,6 +857,7 @@ def evaluate_run(
     estimator: str = "is",
     ais_steps: int = 500,
     chains: int = 16,
+    checkpoint: str = "last",
 ) -> Evaluation:
     """Evaluate the model of a run directory on one split of its own data.
 
@@ -886,6 +887,8 @@ def evaluate_run(
             (:func:`evaluate_ais`, started from ``proposal``).
         ais_steps: AIS: the number of annealing steps T.
         chains: AIS: chains per datum.
+        checkpoint: ``last`` (``checkpoint.pt``) or ``best`` (``best.pt``, the best
+            validation ELBO); the summary names it and its epoch.
 
     Raises:
         CheckpointError: no run or checkpoint in ``run_dir``.
@@ -901,13 +904,14 @@ def evaluate_run(
         raise ConfigError("the gaps are measured by importance sampling: drop --gaps with ais")
     ais = {"steps": ais_steps, "chains": chains} if estimator == "ais" else None
     run_dir = Path(run_dir)
-    vae, state = load_run(run_dir, device=str(resolve_device(device)))  # before the lock
+    vae, state = load_run(run_dir, str(resolve_device(device)), checkpoint)  # before the lock
     with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
-        return _evaluate_run(
+        result = _evaluate_run(
             vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
             batch_size, chunk_size, seed, progress, write, max_seconds, state.get("data_sha256"),
-            ais,
+            ais, {"checkpoint": checkpoint, "checkpoint_epoch": state.get("epoch")},
         )  # fmt: skip
+    return result
 
 
 def _evaluate_run(
@@ -927,6 +931,7 @@ def _evaluate_run(
     max_seconds: float | None,
     data_sha256: str | None,
     ais: dict[str, int] | None,
+    origin: dict[str, Any],
 ) -> Evaluation:
     from .build import resolve
     from .checkpoint import CONFIG_FILE
@@ -981,6 +986,7 @@ def _evaluate_run(
             **common,  # type: ignore[arg-type]
         )  # fmt: skip
     result.summary["run_dir"] = str(run_dir)
+    result.summary.update(origin)
     result.summary["data_sha256"] = fingerprint({split: x})  # the points evaluated
     if write:
         summary = _json_safe(result.summary)

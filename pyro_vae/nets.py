@@ -116,6 +116,68 @@ class MLP(Network):
         return None
 
 
+class GatedLinear(nn.Module):
+    r"""A gated linear unit layer: :math:`h = (W x + b) \odot \sigma(V x + c)`.
+
+    Shapes: ``(..., in_features) -> (..., out_features)``. Dauphin et al. 2017,
+    "Language modeling with gated convolutional networks"; the ``GatedDense``
+    layer of Tomczak & Welling 2018, "VAE with a VampPrior".
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.value = nn.Linear(in_features, out_features)
+        self.gate = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(..., in_features)`` to ``(..., out_features)``."""
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
+@NETWORKS.register("gated-mlp", example={"hidden": [8, 8]})
+class GatedMLP(MLP):
+    """An MLP of gated linear units (:class:`GatedLinear`) on flattened inputs.
+
+    Shapes: ``(..., *in_shape) -> (..., out_features)``, as :class:`MLP`. The
+    VampPrior paper's encoder and decoder are two layers of 300 gated units
+    (Tomczak & Welling 2018); the gate replaces the activation.
+
+    Args:
+        in_shape: Shape of one input.
+        out_features: Width of a final (plain) linear layer, or ``None`` for a
+            trunk that ends with the last gated layer.
+        hidden: Hidden layer widths, any depth.
+    """
+
+    def __init__(
+        self, in_shape: Sequence[int], out_features: int | None, hidden: Sequence[int] = (300, 300)
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_shape = tuple(int(s) for s in in_shape)
+        if any(int(h) < 1 for h in hidden):
+            raise ConfigError(f"hidden layer sizes must be >= 1, got {list(hidden)}")
+        if out_features is None and not hidden:
+            raise ConfigError("an encoder network needs at least one hidden layer")
+        widths = [math.prod(self.in_shape), *(int(h) for h in hidden)]
+        layers: list[nn.Module] = [
+            GatedLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        ]
+        if out_features is not None:
+            layers.append(nn.Linear(widths[-1], out_features))
+        self.layers = nn.Sequential(*layers)
+        self.out_features = widths[-1] if out_features is None else int(out_features)
+
+    @classmethod
+    def from_config(  # type: ignore[override]
+        cls,
+        in_shape: Sequence[int],
+        out_features: int | None,
+        hidden: list[int] = (300, 300),  # type: ignore[assignment]
+    ) -> GatedMLP:
+        """Build from a config section (``hidden``)."""
+        return cls(in_shape, out_features, hidden=hidden)
+
+
 #: The image size that :class:`Conv` encodes and decodes.
 CONV_IMAGE = (28, 28)
 

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .build import build_objective, build_vae, method_options, resolve
 from .checkpoint import (
+    BEST_FILE,
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
@@ -104,6 +105,9 @@ class TrainResult:
         history: One record per epoch, as in ``metrics.jsonl``.
         data: The prepared data.
         epochs_run: Epochs this call trained (0: a resumed run was already done).
+        best: ``{"epoch", "valid_elbo"}`` of the best validation ELBO so far
+            (the weights in ``best.pt``), or ``None`` without a ``valid`` split.
+        stopped_early: The epoch at which early stopping ended the run, else ``None``.
     """
 
     vae: VAE
@@ -111,6 +115,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     data: PreparedData
     epochs_run: int = 0
+    best: dict[str, Any] | None = None
+    stopped_early: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,6 +174,8 @@ class StepStrategy:
     #: ``pyro-vae train`` also trains an amortized VAE beside it on the same budget
     #: (:func:`pyro_vae.em.fit_em`), for the comparison the method exists to show.
     compare_with_amortized: bool = False
+    #: It clips the gradient norm to ``train.clip_norm``.
+    clips_gradients: bool = False
 
     @classmethod
     def configure(cls, config: Config) -> Config:
@@ -182,6 +190,11 @@ class StepStrategy:
             raise ConfigError(
                 f"train.elbo = {config.train.elbo!r} does not apply to method {method!r}; "
                 f"valid: {', '.join(cls.objectives)}"
+            )
+        if not cls.clips_gradients and config.train.clip_norm != 0:
+            raise ConfigError(
+                f"train.clip_norm does not apply to method {method!r}; use method svi "
+                "or clip_norm = 0"
             )
         if not cls.free_bits and config.train.free_bits != 0:
             raise ConfigError(
@@ -217,19 +230,23 @@ class SVIStep(StepStrategy):
         vae: The model.
         objective: A Pyro ELBO.
         lr: Adam's learning rate.
+        clip_norm: Clip the gradient's global 2-norm to this before the update (0: never).
     """
 
-    def __init__(self, vae: VAE, objective: Any, lr: float) -> None:
+    clips_gradients = True
+
+    def __init__(self, vae: VAE, objective: Any, lr: float, clip_norm: float = 0.0) -> None:
         self.vae = vae
         self.objective = objective
         self.optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+        self.clip_norm = clip_norm
 
     @classmethod
     def from_config(cls, vae: VAE, objective: Any, train: TrainConfig) -> StepStrategy:
         """SVI, or data-parallel SVI in a ``torchrun`` process group."""
         if distributed.is_distributed():
-            return DataParallelSVIStep(vae, objective, train.lr, train.seed)
-        return cls(vae, objective, train.lr)
+            return DataParallelSVIStep(vae, objective, train.lr, train.seed, train.clip_norm)
+        return cls(vae, objective, train.lr, train.clip_norm)
 
     def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
         """One SVI step (see the class docstring)."""
@@ -240,6 +257,8 @@ class SVIStep(StepStrategy):
         if math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm)
             self.optimizer.step()
         return value
 
@@ -260,8 +279,10 @@ class DataParallelSVIStep(SVIStep):
     :meth:`set_position`; :attr:`stop` tells whether any rank asked to stop.
     """
 
-    def __init__(self, vae: VAE, objective: Any, lr: float, seed: int) -> None:
-        super().__init__(vae, objective, lr)
+    def __init__(
+        self, vae: VAE, objective: Any, lr: float, seed: int, clip_norm: float = 0.0
+    ) -> None:
+        super().__init__(vae, objective, lr, clip_norm)
         self.ddp = distributed.DistributedSVI(vae, objective, next(_devices(vae)), seed)
         self.position = (0, 0)
         self.interrupted = False
@@ -274,8 +295,9 @@ class DataParallelSVIStep(SVIStep):
     def step(self, x: torch.Tensor, index: torch.Tensor, data_size: int, kl_scale: float) -> float:
         """One data-parallel step; the global loss, the same on every rank."""
         value, self.stop = self.ddp.step(
-            self.optimizer, x, index, data_size, self.position, self.interrupted, kl_scale
-        )
+            self.optimizer, x, index, data_size, self.position, self.interrupted, kl_scale,
+            self.clip_norm,
+        )  # fmt: skip
         return value
 
 
@@ -283,6 +305,81 @@ def _devices(vae: VAE) -> Iterator[torch.device]:
     for p in vae.parameters():
         yield p.device
     yield torch.device("cpu")
+
+
+# --- schedules and model selection -------------------------------------------------------
+
+
+def make_scheduler(train: TrainConfig, strategy: StepStrategy) -> Any:
+    r"""The learning-rate schedule ``train.lr_schedule`` over the strategy's optimizer, or ``None``.
+
+    ``exponential``: :math:`\eta_e = \max(\eta_0 \gamma^{e}, \eta_{\min})` after epoch
+    ``e``, with :math:`\eta_0` the optimizer's learning rate now; ``plateau``:
+    PyTorch's ``ReduceLROnPlateau`` on the validation ELBO (mode ``max``), its
+    patience ``lr_patience`` epochs in evaluations.
+    """
+    if train.lr_schedule == "none":
+        return None
+    optimizer = getattr(strategy, "optimizer", None)
+    if optimizer is None:
+        raise ConfigError(
+            f"train.lr_schedule does not apply to method {train.method!r} (no optimizer to "
+            "schedule); use lr_schedule = 'none'"
+        )
+    if train.lr_schedule == "exponential":
+        floor, gamma = train.lr_min / optimizer.param_groups[0]["lr"], train.lr_gamma
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(gamma**e, floor))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max",
+        factor=train.lr_gamma,
+        patience=math.ceil(train.lr_patience / train.eval_every),
+        min_lr=train.lr_min,
+    )
+
+
+def step_schedule(scheduler: Any, train: TrainConfig, epoch: int, valid: float | None) -> None:
+    """Advance the schedule after ``epoch``; ``plateau`` only on validated epochs after warm-up."""
+    if scheduler is None:
+        return
+    if train.lr_schedule == "exponential":
+        scheduler.step()
+    elif valid is not None and epoch > train.kl_warmup_epochs:
+        scheduler.step(valid)
+
+
+def _stops_early(
+    epoch: int, best: Mapping[str, Any] | None, train: TrainConfig, since: int = 1
+) -> bool:
+    """Whether ``early_stopping_patience`` epochs passed without a better validation ELBO.
+
+    Epochs are counted from the best one, from the end of the KL warm-up (the
+    objective changes until then), or from the epoch selection started
+    (``since``: a run of an earlier version resumed), whichever is latest.
+    """
+    patience = train.early_stopping_patience
+    if patience <= 0:
+        return False
+    anchor = max(best["epoch"] if best is not None else since - 1, train.kl_warmup_epochs)
+    return epoch - anchor >= patience
+
+
+def _early_stop_line(epoch: int, best: Mapping[str, Any] | None, train: TrainConfig) -> str:
+    at = f"; best valid ELBO {best['valid_elbo']:.2f} at epoch {best['epoch']}" if best else ""
+    return (
+        f"early stop at epoch {epoch}: no better validation ELBO for "
+        f"{train.early_stopping_patience} epochs{at} (weights in {BEST_FILE})"
+    )
+
+
+def _public(best: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return dict(best) if best is not None else None
+
+
+def best_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``best.pt`` keeps of a checkpoint: the weights and what loading them needs."""
+    keys = ("config", "event_shape", "num_data", "data_sha256", "method", "model", "epoch")
+    return {**{k: state[k] for k in keys}, "valid_elbo": state["best"]["valid_elbo"]}
 
 
 # --- the trainer -------------------------------------------------------------------------
@@ -339,6 +436,8 @@ class Trainer:
         callbacks: Objects with ``on_epoch_end(record, vae)``.
         evaluate_splits: Splits whose ELBO each record holds (default: ``test``
             and ``valid`` for an amortized guide, the training set for a per-datum one).
+        config_changed: A resumed run's ``config.toml`` changes (written with the
+            next checkpoint).
     """
 
     def __init__(
@@ -354,8 +453,10 @@ class Trainer:
         on_step: StepCallback | None = None,
         callbacks: Sequence[Callback] = (),
         evaluate_splits: Sequence[str] | None = None,
+        config_changed: bool = False,
     ) -> None:
         self.config = config
+        self.config_changed = config_changed
         self.vae = vae
         self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -381,6 +482,18 @@ class Trainer:
         factory = METHODS.factory(cfg.train.method)
         strategy: StepStrategy = factory(vae, objective, cfg.train, **method_options(cfg.train))
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+        needs_valid = cfg.train.lr_schedule == "plateau" or cfg.train.early_stopping_patience
+        if needs_valid and "valid" not in data.splits:
+            what = (
+                "lr_schedule = 'plateau'"
+                if cfg.train.lr_schedule == "plateau"
+                else ("early_stopping_patience")
+            )
+            raise ConfigError(
+                f"train.{what} selects on the validation ELBO, but {data.name} has no valid "
+                f"split (splits: {', '.join(data.splits)}); use a dataset with one"
+            )
+        scheduler = make_scheduler(cfg.train, strategy)
         train = data.train.to(device)
         evaluation = {
             s: (data.splits["train"] if s == "train_set" else data.splits[s]).to(device)
@@ -390,6 +503,10 @@ class Trainer:
 
         history: list[dict[str, Any]] = []
         epoch_done, step_done, perm, elbo_sum, seconds = 0, 0, None, 0.0, 0.0
+        # the best validation ELBO so far: {"epoch", "valid_elbo", "since"} (since: the
+        # first epoch selection saw), and the epoch at which early stopping ended the run
+        best: dict[str, Any] | None = None
+        best_since, stopped_early = 1, None
         if self.state is not None:
             s = self.state
             if tuple(s["event_shape"]) != data.event_shape:
@@ -407,9 +524,25 @@ class Trainer:
             epoch_done, step_done = int(s["epoch"]), int(s["step"])
             perm = s["perm"].to(device) if s["perm"] is not None else None
             elbo_sum, seconds, history = float(s["elbo_sum"]), float(s["seconds"]), s["history"]
+            saved_schedule = s.get("scheduler") or {}
+            if scheduler is not None and saved_schedule.get("name") == cfg.train.lr_schedule:
+                scheduler.load_state_dict(saved_schedule["state"])
+            elif scheduler is not None:  # a schedule new to this run starts at its current lr
+                for group in strategy.optimizer.param_groups:
+                    group.pop("initial_lr", None)
+                scheduler = make_scheduler(cfg.train, strategy)
+            # runs of pyro-vae < 0.3 kept no best.pt: selection starts where they resume
+            best = s.get("best")
+            if best is None:
+                best_since = epoch_done + 1
+            if step_done == 0 and _stops_early(epoch_done, best, cfg.train, best_since):
+                return TrainResult(
+                    vae.eval(), cfg, history, data, 0, _public(best), s.get("stopped_early")
+                )
         # config.toml is written with the first checkpoint: a run that fails before
-        # it (a NaN at the first steps) leaves nothing behind
-        self._saved = self.state is not None
+        # it (a NaN at the first steps) leaves nothing behind, a resume that fails
+        # before it leaves the run's config as it was
+        self._saved = self.state is not None and not self.config_changed
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
@@ -441,6 +574,13 @@ class Trainer:
                 "elbo_sum": elbo_sum,
                 "seconds": seconds,
                 "history": history,
+                "best": best,
+                "stopped_early": stopped_early,
+                "scheduler": (
+                    {"name": cfg.train.lr_schedule, "state": scheduler.state_dict()}
+                    if scheduler is not None
+                    else None
+                ),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -493,26 +633,48 @@ class Trainer:
                             seconds += time.perf_counter() - start
                             self._interrupt(snapshot(epoch - 1, step + 1), epoch, step + 1)
                     seconds += time.perf_counter() - start
-                    record = self._epoch_record(epoch, elbo_sum / n, evaluation, seconds)
+                    every = cfg.train.eval_every
+                    due = epoch % every == 0 or epoch == cfg.train.epochs
+                    record = self._epoch_record(
+                        epoch, elbo_sum / n, evaluation if due else {}, seconds
+                    )
                     record["beta"] = beta
                     record["kl_estimator"] = kl_estimator(objective)
                     record["gradient_steps"] = epoch * steps * strategy.gradients_per_step
+                    record["lr"] = strategy.optimizer.param_groups[0]["lr"]
                     history.append(record)
                     perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
+                    valid = record.get("valid_elbo")
+                    improved = valid is not None and (best is None or valid > best["valid_elbo"])
+                    if improved:
+                        since = best["since"] if best is not None else best_since
+                        best = {"epoch": epoch, "valid_elbo": valid, "since": since}
+                    step_schedule(scheduler, cfg.train, epoch, valid)
+                    if due and _stops_early(epoch, best, cfg.train, best_since):
+                        stopped_early = epoch
                     if self.out_dir is not None and main:
                         write_metrics(self._path(METRICS_FILE), history)
+                        if improved:  # before the checkpoint that refers to it
+                            save_checkpoint(self._path(BEST_FILE), best_state(snapshot(epoch, 0)))
                         self._save(snapshot(epoch, 0))
                     if write is not None:
                         write(_format_epoch(record))
                     if main:
                         for callback in self.callbacks:
                             callback.on_epoch_end(dict(record), vae)
+                    if stopped_early is not None:
+                        if write is not None:
+                            write(_early_stop_line(epoch, best, cfg.train))
+                        break
                     stop = distributed.any_rank(interrupted["set"])  # [distributed] all or none
                     if stop and epoch < cfg.train.epochs:
                         self._interrupt(None, epoch, 0)
         finally:
             bar.close()
-        return TrainResult(vae.eval(), cfg, history, data, epochs_run=cfg.train.epochs - epoch_done)
+        last = history[-1]["epoch"] if history else 0
+        return TrainResult(
+            vae.eval(), cfg, history, data, last - epoch_done, _public(best), stopped_early
+        )
 
     def _save(self, state: dict[str, Any]) -> None:
         """Write the checkpoint, and ``config.toml`` with the run's first one."""
@@ -524,7 +686,11 @@ class Trainer:
     def _non_finite(self, value: float, epoch: int, step: int) -> NonFiniteLossError:
         """The error for a NaN or infinite loss; before any checkpoint it names the likely cause."""
         where = f"the loss became {value} at epoch {epoch}, step {step}"
-        started = self._saved if self.out_dir is not None else epoch > 1 or self.state is not None
+        started = (
+            self._saved or self.state is not None
+            if self.out_dir is not None
+            else epoch > 1 or self.state is not None
+        )
         if started:
             last = self._path(CHECKPOINT_FILE) if self.out_dir is not None else "none"
             return NonFiniteLossError(f"{where}; training stopped (last good checkpoint: {last})")
@@ -780,11 +946,20 @@ def _rebuilds(model: ModelConfig | None, vae: VAE, num_data: int) -> bool:
     return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
 
 
+#: ``[train]`` keys a resumed run may change: how long and where it trains, and how it
+#: selects, schedules and clips -- never what the weights or Adam's moments mean.
+RESUMABLE_KEYS = (
+    "epochs", "device", "eval_every", "early_stopping_patience", "lr_schedule", "lr_gamma",
+    "lr_patience", "lr_min", "clip_norm",
+)  # fmt: skip
+
+
 def resume(
     out_dir: str | os.PathLike[str],
     *,
     epochs: int | None = None,
     device: str | None = None,
+    changes: Mapping[str, Any] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     on_step: StepCallback | None = None,
@@ -796,6 +971,8 @@ def resume(
         out_dir: A run directory written by :func:`fit` (this version or an earlier one).
         epochs: A new total number of epochs (default: the run's own).
         device: Another device to continue on (default: the run's own).
+        changes: Other ``[train]`` keys to change, by name (only :data:`RESUMABLE_KEYS`),
+            e.g. ``{"lr_schedule": "plateau"}``; ``config.toml`` records them.
         progress: Show a tqdm progress bar.
         log: Called with one line per epoch.
         on_step: Called after every optimizer step.
@@ -804,15 +981,25 @@ def resume(
     from .checkpoint import read_run_config
 
     out_dir = Path(out_dir)
-    read_run_config(out_dir)  # a run directory at all, before anything is locked or created
+    changes = dict(changes or {})
+    fixed = sorted(set(changes) - set(RESUMABLE_KEYS))
+    if fixed:
+        raise ConfigError(
+            f"train.{fixed[0]} cannot change in a resumed run; resumable: "
+            f"{', '.join(RESUMABLE_KEYS)}"
+        )
+    changes.update({k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None})
+    saved = read_run_config(out_dir)  # a run directory at all, before anything is locked
+    changed = Config.from_dict(
+        {**saved.to_dict(), "train": {**saved.to_dict()["train"], **changes}}
+    )  # checks the new values in one line before any work
     with _writer_lock(out_dir):
-        return _resume(out_dir, epochs, device, progress, log, on_step, callbacks)
+        return _resume(out_dir, changed.train, progress, log, on_step, callbacks)
 
 
 def _resume(
     out_dir: Path,
-    epochs: int | None,
-    device: str | None,
+    train: TrainConfig,
     progress: bool,
     log: Callable[[str], None] | None,
     on_step: StepCallback | None,
@@ -821,8 +1008,7 @@ def _resume(
     from .checkpoint import read_run_config, upgrade_state
 
     saved = read_run_config(out_dir)
-    changes = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
-    config = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+    config = dataclasses.replace(saved, train=train)
     state = upgrade_state(load_checkpoint(out_dir), out_dir)
     if config.data.name == IN_MEMORY:
         raise CheckpointError(
@@ -842,18 +1028,24 @@ def _resume(
             )
         if distributed.is_main():
             remove_stale_temporaries(out_dir)  # a SIGKILL mid-write leaves them; we hold the lock
-            if config != saved:  # config.toml tells the truth about --epochs / --device
-                config.save(out_dir / CONFIG_FILE)
         vae = build_vae(cfg.model, tuple(state["event_shape"]), num_data=state["num_data"])
         trainer = Trainer(
-            cfg, vae.to(run_device), data, out_dir, state, progress=progress, log=log,
-            on_step=on_step, callbacks=callbacks,
-        )  # fmt: skip
+            cfg,
+            vae.to(run_device),
+            data,
+            out_dir,
+            state,
+            progress=progress,
+            log=log,
+            on_step=on_step,
+            callbacks=callbacks,
+            config_changed=config != saved,
+        )  # fmt: skip  (config.toml then tells the truth about what resume changed)
         return trainer.run()
 
 
 def _check_unedited(saved: Config, state: Mapping[str, Any], out_dir: Path) -> None:
-    """Refuse a ``config.toml`` edited since the checkpoint (``--epochs``/``--device`` aside).
+    """Refuse a ``config.toml`` edited since the checkpoint (:data:`RESUMABLE_KEYS` aside).
 
     The checkpoint holds the config it was trained with; resuming cannot apply
     an edit truthfully (Adam keeps its learning rate in its state, the
@@ -866,14 +1058,15 @@ def _check_unedited(saved: Config, state: Mapping[str, Any], out_dir: Path) -> N
     now = _flat(saved.to_dict())
     changed = sorted(
         k for k in trained.keys() | now.keys()
-        if trained.get(k) != now.get(k) and k not in ("train.epochs", "train.device")
+        if trained.get(k) != now.get(k) and k.removeprefix("train.") not in RESUMABLE_KEYS
     )  # fmt: skip
     if changed:
         shown = ", ".join(f"{k}: {trained.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise CheckpointError(
             f"{out_dir / CONFIG_FILE} was edited since its checkpoint ({shown}{more}); resume "
-            "cannot apply edits (only --epochs and --device): undo them, or train a new run "
+            "cannot apply edits (only --epochs, --device and --set train.KEY for "
+            f"{', '.join(RESUMABLE_KEYS[2:])}): undo them, or train a new run "
             f"with --config {out_dir / CONFIG_FILE}"
         )
 
