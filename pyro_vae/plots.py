@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,14 +221,20 @@ def plot_elbo_terms(history: Sequence[Mapping[str, Any]]) -> Figure:
 
 
 def plot_kl_history(history: Sequence[Mapping[str, Any]]) -> Figure:
-    """The test KL of each latent dimension over epochs, one line per dimension.
+    """The test KL of each latent dimension over epochs, as a heatmap.
 
-    Needs ``test_kl_per_dim`` in the records (written when the guide and the
-    prior both factorize over dimensions, e.g. mean-field with N(0, I)).
-    Dimensions whose line stays at 0 have collapsed to the prior.
+    Cell ``(e, d)`` is coloured by :math:`\\mathrm{KL}(q(z_d|x)\\,\\|\\,p(z_d))`,
+    averaged over the test data after epoch ``e``; the colour scale starts at
+    0 and is labelled by a colorbar. Needs ``test_kl_per_dim`` in the records
+    (written when the guide and the prior both factorize over dimensions,
+    e.g. mean-field with N(0, I)). Rows that stay at the colour of 0 are
+    dimensions collapsed to the prior.
 
     Returns:
-        A figure with one axis: x = epoch, y = KL in nats per datum.
+        A figure with two axes: the heatmap (x = epoch, y = latent dimension
+        ``d``, dimension 0 on top; a ``QuadMesh`` of the ``(D, E)`` values,
+        one cell per epoch from the first recorded to the last, blank where an
+        epoch has no record) and its colorbar (KL in nats per datum).
 
     Raises:
         DataError: no record has ``test_kl_per_dim``.
@@ -241,24 +246,34 @@ def plot_kl_history(history: Sequence[Mapping[str, Any]]) -> Figure:
             "the metrics have no test_kl_per_dim (the guide or prior does not factorize "
             "over latent dimensions, so the KL has no per-dimension closed form)"
         )
-    epochs = [r["epoch"] for r in records]
-    values = np.asarray([r["test_kl_per_dim"] for r in records], dtype=float)  # (E, D)
-    fig = _figure(6, 3.6)
+    first, last = min(r["epoch"] for r in records), max(r["epoch"] for r in records)
+    dims = len(records[0]["test_kl_per_dim"])
+    values = np.full((last - first + 1, dims), np.nan)  # (E, D); epochs without a record: NaN
+    for r in records:
+        values[r["epoch"] - first] = r["test_kl_per_dim"]
+    fig = _figure(7, min(8.0, max(3.4, 1.4 + 0.24 * dims)))
     ax = fig.add_subplot()
-    colors = _dimension_colors(values.shape[1])
-    for d in range(values.shape[1]):
-        ax.plot(epochs, values[:, d], "o-", markersize=2, linewidth=1, color=colors[d])
-    _epoch_axis(ax)
-    ax.set_ylabel("KL (nats per datum)")
-    ax.set_title(f"KL per latent dimension (D = {values.shape[1]})")
+    mesh = ax.pcolormesh(
+        np.arange(first, last + 2) - 0.5,  # one cell per epoch, centred on it
+        np.arange(dims + 1) - 0.5,
+        np.ma.masked_invalid(values.T),  # a missing epoch is a blank column
+        cmap="viridis",
+        vmin=0.0,
+        vmax=max(float(np.nanmax(values)), 1e-6),
+        shading="flat",
+    )
+    ax.set_ylim(dims - 0.5, -0.5)  # dimension 0 on top, as in a table
+    colorbar = fig.colorbar(mesh, ax=ax, pad=0.02)
+    colorbar.set_label("KL (nats)", fontsize=11)
+    ax.set_xlabel("epoch", fontsize=11)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("latent dimension d", fontsize=11)
+    if dims <= 32:
+        ax.set_yticks(np.arange(dims))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"Test KL per latent dimension over epochs (D = {dims})")
     return fig
-
-
-def _dimension_colors(count: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
-    return [cmap(i / max(count - 1, 1)) for i in range(count)]
 
 
 # --- generation -------------------------------------------------------------------
@@ -589,8 +604,36 @@ def plot_kl_per_dim(
 # --- evaluation diagnostics ------------------------------------------------------
 
 
+def iwae_curve(evaluation: Mapping[str, Any]) -> dict[int, float]:
+    """The IWAE bounds :math:`\\mathcal L_K` of an evaluation by K, including the K of its estimate.
+
+    An importance-sampling estimate with ``K = num_samples`` draws,
+    :math:`\\log \\hat p(x) = \\log \\frac1K \\sum_k p(x, z_k)/q(z_k|x)` averaged over
+    the data, *is* :math:`\\mathcal L_K` at that K. The listed bounds
+    (``iwae``; by default 1, 10, 100, 1000, 5000 up to K) may stop short of
+    it (K = 500 lists 1, 10, 100), so ``log_likelihood`` is added at
+    ``num_samples``. Not for AIS (``estimator: ais``): its estimate is no
+    IWAE bound and its ``num_samples`` counts chains.
+
+    Args:
+        evaluation: The contents of ``evaluation.json``.
+
+    Returns:
+        K -> bound in nats per datum, in increasing K; empty when the
+        evaluation lists no bounds.
+    """
+    bounds = {int(k): float(v) for k, v in (evaluation.get("iwae") or {}).items() if v is not None}
+    if not bounds:
+        return {}
+    k_used, ll = evaluation.get("num_samples"), evaluation.get("log_likelihood")
+    is_estimate = evaluation.get("estimator", "is") == "is"
+    if is_estimate and isinstance(k_used, int) and ll is not None and k_used not in bounds:
+        bounds[k_used] = float(ll)
+    return dict(sorted(bounds.items()))
+
+
 def plot_iwae_bound(evaluation: Mapping[str, Any]) -> Figure:
-    """The IWAE bound against the number of importance samples K.
+    """The IWAE bound against the number of importance samples K, up to the K of the estimate.
 
     .. math::
 
@@ -605,19 +648,19 @@ def plot_iwae_bound(evaluation: Mapping[str, Any]) -> Figure:
         evaluation: The contents of ``evaluation.json``: ``iwae`` (K as a
             string -> bound), and optionally ``log_likelihood`` with
             ``log_likelihood_mc_stderr`` (the band; else ``log_likelihood_stderr``),
-            ``elbo``, ``exact_log_likelihood``, ``num_samples``.
+            ``elbo``, ``exact_log_likelihood``, ``num_samples`` (the K of
+            ``log_likelihood``, added to the curve by :func:`iwae_curve`).
 
     Returns:
         A figure with one axis: x = K (log scale), y = nats per datum.
     """
-    bounds = {k: v for k, v in (evaluation.get("iwae") or {}).items() if v is not None}
-    if not bounds:
+    curve = iwae_curve(evaluation)
+    if not curve:
         raise DataError("evaluation.json has no IWAE bounds ('iwae' is empty or absent)")
-    ks = sorted(bounds, key=lambda k: int(k))
-    k_values = [int(k) for k in ks]
+    k_values = list(curve)
     fig = _figure(6, 3.8)
     ax = fig.add_subplot()
-    ax.plot(k_values, [bounds[k] for k in ks], "o-", label=r"IWAE bound $\mathcal{L}_K$")
+    ax.plot(k_values, list(curve.values()), "o-", label=r"IWAE bound $\mathcal{L}_K$")
     ll = evaluation.get("log_likelihood")
     if ll is not None:
         k_max = evaluation.get("num_samples", max(k_values))
@@ -646,46 +689,56 @@ def plot_iwae_bound(evaluation: Mapping[str, Any]) -> Figure:
     return fig
 
 
+#: The reference lines of :func:`plot_khat`: k-hat -> (label, colour, line style).
+KHAT_LINES: dict[float, tuple[str, str, str]] = {
+    0.5: ("0.5: finite variance below (good)", "C2", "--"),
+    KHAT_THRESHOLD: (f"{KHAT_THRESHOLD}: unreliable above", "C1", "-."),
+    1.0: ("1: infinite mean above", "C3", ":"),
+}
+
+
 def plot_khat(khat: Sequence[float] | np.ndarray) -> Figure:
-    """The Pareto :math:`\\hat k` of each datum's importance weights (``arviz.plot_khat``).
+    """The Pareto :math:`\\hat k` of each datum's importance weights, with labelled thresholds.
 
     :math:`\\hat k` is the fitted shape of the generalized Pareto tail of the
-    weights :math:`p(x, z_k)/q(z_k|x)`. Below 0.5 the estimate of
-    :math:`\\log p(x)` converges fast; from 0.5 to 0.7 it is usable but
-    slower; above 0.7 the weights' variance is effectively infinite and the
-    estimate of that datum is unreliable (Vehtari et al. 2024, "Pareto
-    Smoothed Importance Sampling").
+    weights :math:`p(x, z_k)/q(z_k|x)`; the weights have finite moments of
+    order below :math:`1/k`. Below 0.5 their variance is finite and the
+    estimate of :math:`\\log p(x)` converges fast; from 0.5 to 0.7 the
+    variance is infinite but the estimate is usable in practice; above 0.7 it
+    is unreliable (too few samples to reach its limit); above 1 even the
+    weights' mean is infinite (Vehtari et al. 2024, "Pareto Smoothed
+    Importance Sampling"). Data above 0.7 are drawn in red.
 
     Args:
         khat: :math:`\\hat k` per datum (NaN values, where undefined, are left out).
 
     Returns:
-        A figure with one axis: x = datum, y = :math:`\\hat k`, lines at 0, 0.5, 0.7, 1.
+        A figure with one axis: x = datum, y = :math:`\\hat k`, and one labelled
+        horizontal line at each of 0.5, 0.7 and 1 (:data:`KHAT_LINES`, in the legend).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-
     values = np.asarray(khat, dtype=float)
-    values = values[np.isfinite(values)]
+    index = np.flatnonzero(np.isfinite(values))
+    values = values[index]
     if values.size == 0:
         raise DataError(
             "k-hat is undefined (no finite values: fewer than 25 importance samples per datum "
             "are too few to fit the Pareto tail)"
         )
-    fig = _figure(6, 3.6)
+    fig = _figure(7.5, 3.8)
     ax = fig.add_subplot()
-    with warnings.catch_warnings():
-        # arviz warns that arrays (not ELPDData) are deprecated, and about matplotlib API
-        # it uses; neither concerns the caller
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        az.plot_khat(values, ax=ax, show_hlines=True, show=False, markersize=6)
-    above = float(np.mean(values > KHAT_THRESHOLD))
+    bad = values > KHAT_THRESHOLD
+    ax.scatter(index[~bad], values[~bad], s=10, color="C0", label="datum")
+    if bad.any():
+        ax.scatter(index[bad], values[bad], s=14, color="C3", label=f"datum above {KHAT_THRESHOLD}")
+    for level, (label, color, style) in KHAT_LINES.items():
+        ax.axhline(level, color=color, linestyle=style, linewidth=1.5, label=label)
+    above = float(np.mean(bad))
     ax.set_title(rf"Pareto $\hat{{k}}$ per datum: {100 * above:.1f}% above {KHAT_THRESHOLD}")
-    ax.set_xlabel("datum", fontsize=10)
-    ax.set_ylabel(r"$\hat{k}$", fontsize=10)
-    ax.tick_params(labelsize=9)
+    ax.set_xlabel("datum", fontsize=11)
+    ax.set_ylabel(r"$\hat{k}$", fontsize=11)
+    ax.tick_params(labelsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     return fig
 
 
@@ -723,16 +776,18 @@ def plot_ess(ess: Sequence[float] | np.ndarray, num_samples: int | None = None) 
     return fig
 
 
-#: Per-datum gaps drawn by :func:`plot_gaps`: key -> title.
+#: Per-datum gaps drawn by :func:`plot_gaps`: key -> panel title (name, then formula).
 GAPS = {
-    "inference_gap": r"inference gap $\log \hat p(x) - \mathrm{ELBO}(x)$",
-    "approximation_gap": "approximation gap",
-    "amortization_gap": "amortization gap",
+    "inference_gap": "inference gap\n" r"$\log \hat p(x) - \mathrm{ELBO}_q(x)$",
+    "approximation_gap": "approximation gap\n" r"$\log \hat p(x) - \mathrm{ELBO}_{q^*}(x)$",
+    "amortization_gap": "amortization gap\n" r"$\mathrm{ELBO}_{q^*}(x) - \mathrm{ELBO}_q(x)$",
 }
+#: Font sizes (points) of :func:`plot_gaps`: panel titles, axis labels, ticks, legends.
+GAP_FONTS = {"title": 12, "label": 11, "ticks": 10, "legend": 10}
 
 
 def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
-    """Histograms of per-datum gaps between bounds, one panel per gap available.
+    """Histograms of per-datum gaps between bounds, one titled panel per gap available.
 
     The inference gap :math:`\\log \\hat p(x) - \\mathrm{ELBO}(x)` estimates
     :math:`\\mathrm{KL}(q(z|x)\\,\\|\\,p(z|x)) \\ge 0` (single estimates can be
@@ -751,7 +806,8 @@ def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
             left out.
 
     Returns:
-        A figure with one axis per gap.
+        A figure with one axis per gap, each with its title (:data:`GAPS`),
+        x and y labels and the mean as a labelled line (:data:`GAP_FONTS`).
     """
     gaps: dict[str, np.ndarray] = {}
     log_lik = per_datum.get("guide_log_likelihood", per_datum.get("log_likelihood"))
@@ -763,15 +819,17 @@ def plot_gaps(per_datum: Mapping[str, np.ndarray]) -> Figure:
     gaps = {k: v[np.isfinite(v)] for k, v in gaps.items() if np.isfinite(v).any()}
     if not gaps:
         raise DataError("the per-datum arrays hold no gaps (need log_likelihood and elbo)")
-    fig = _figure(4.2 * len(gaps), 3.4)
+    fig = _figure(max(5.0, 3.4 * len(gaps)), 3.8)
     axes = fig.subplots(1, len(gaps), squeeze=False)[0]
     for ax, (key, values) in zip(axes, gaps.items(), strict=True):
         ax.hist(values, bins=30, color="C0")
-        ax.axvline(values.mean(), color="C1", label=f"mean {values.mean():.2f}")
-        ax.set_title(GAPS[key], fontsize=10)
-        ax.set_xlabel("nats")
-        _legend(ax, fontsize=8)
-    axes[0].set_ylabel("data")
+        ax.axvline(values.mean(), color="C1", linewidth=2, label=f"mean {values.mean():.2f}")
+        ax.set_title(GAPS[key], fontsize=GAP_FONTS["title"])
+        ax.set_xlabel("gap (nats per datum)", fontsize=GAP_FONTS["label"])
+        ax.set_ylabel("number of data", fontsize=GAP_FONTS["label"])
+        ax.tick_params(labelsize=GAP_FONTS["ticks"])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        _legend(ax, fontsize=GAP_FONTS["legend"])
     return fig
 
 

@@ -1,14 +1,16 @@
 """The run report: one self-contained HTML page per run directory.
 
 ``pyro-vae report RUN_DIR`` (or :func:`write_report`) writes
-``RUN_DIR/report.html`` with the run's config, a table of its final
-metrics and the figures of :mod:`pyro_vae.plots`, each section with a short
-text on how to read it. Images are embedded as base64 PNG and the page has
-no scripts, style sheets or links to fetch, so it opens offline. The report
-uses whatever the run directory holds: a run still training (or stopped)
-gets the figures its files support and a note for the rest; the evaluation
-section needs ``evaluation.json`` (and ``evaluation_per_datum.npz``) from
-``pyro-vae evaluate``.
+``RUN_DIR/report.html``: a table of the run's final metrics first, then
+the environment (pyro-vae, torch and pyro versions, device, threads, git
+commit of the machine making the report) and the run's config folded in a
+``<details>`` element, then the figures of :mod:`pyro_vae.plots`; each
+section has a short text on how to read it. Images are embedded as base64
+PNG and the page has no scripts, style sheets or links to fetch, so it
+opens offline. The report uses whatever the run directory holds: a run
+still training (or stopped) gets the figures its files support and a note
+for the rest; the evaluation section needs ``evaluation.json`` (and
+``evaluation_per_datum.npz``) from ``pyro-vae evaluate``.
 
 This module also holds the ``report`` and ``sample`` subcommands of the
 CLI; matplotlib is imported only when they run.
@@ -27,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load, read_metrics
+from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load, load_run, read_metrics
 from .config import Config
+from .environment import describe_environment
+from .environment import environment as current_environment
 from .errors import CheckpointError, DataError, PyroVAEWarning, UserError
 
 if TYPE_CHECKING:
@@ -45,8 +49,8 @@ PER_DATUM_FILE = "evaluation_per_datum.npz"
 
 #: Section id -> title, in page order.
 SECTIONS: dict[str, str] = {
-    "config": "Configuration",
     "metrics": "Final metrics",
+    "config": "Environment and configuration",
     "training": "Training curves",
     "generation": "What the model generates",
     "latent": "The latent space",
@@ -57,8 +61,11 @@ SECTIONS: dict[str, str] = {
 
 _HOW_TO_READ: dict[str, str] = {
     "config": (
-        "The complete, resolved settings of the run (every default filled in). "
-        "<code>pyro-vae train --config config.toml</code> trains the same model again."
+        "<b>Environment</b>: the software versions and the machine behind these numbers; "
+        "results can change with them, so quote them with the metrics. "
+        "<b>Configuration</b> (click to unfold): the complete, resolved settings of the run "
+        "(every default filled in); <code>pyro-vae train --config config.toml</code> trains "
+        "the same model again."
     ),
     "metrics": (
         "All numbers are in nats per datum, measured on held-out data. The ELBO is a lower "
@@ -74,8 +81,9 @@ _HOW_TO_READ: dict[str, str] = {
         "information about x; the KL term charges for that information (how far q(z|x) moves "
         "away from the prior). Typically the KL rises early, as the encoder starts to use z, "
         "then settles. A KL near 0 with a poor reconstruction is posterior collapse. "
-        "<b>KL per dimension.</b> Each line is one latent dimension; lines that stay at 0 are "
-        "dimensions the model does not use."
+        "<b>KL per dimension.</b> Each row of the heatmap is one latent dimension, each column "
+        "one epoch; the colour is that dimension's test KL (scale on the colorbar). Rows that "
+        "stay at the colour of 0 are dimensions the model does not use."
     ),
     "generation": (
         "<b>Samples</b> show what the model believes data look like: z drawn from the prior, "
@@ -114,19 +122,21 @@ _HOW_TO_READ: dict[str, str] = {
         "IWAE bound L<sub>K</sub>: below log p(x) on average, rising towards it as K grows. "
         "Four checks: (1) <b>IWAE against K</b>: if the bound still climbs at the largest K, "
         "the true log p(x) is probably higher than reported. (2) <b>k&#770;</b>, the shape of "
-        "the Pareto tail of the importance weights, per datum: below 0.5 the estimate is "
-        "reliable; 0.5 to 0.7 usable; above 0.7 the weights' variance is effectively infinite "
-        "and that datum's estimate is unreliable, usually too low (Vehtari et al., Pareto "
-        "smoothed importance sampling). (3) <b>ESS</b>, how many of the K samples effectively "
-        "count: ESS far below K means a few samples carry all the weight. (4) <b>Gaps</b>: "
-        "log p&#770;(x) &minus; ELBO estimates KL(q(z|x) &#8214; p(z|x)), how far the "
-        "encoder's posterior is from the true one; where measured, it splits into the "
-        "approximation gap (the limit of the guide's family) and the amortization gap (the "
-        "encoder missing the best member of that family; Cremer et al. 2018). Each gap is a "
-        "KL divergence, so never negative in truth, but its per-datum estimate is a difference "
-        "of Monte Carlo estimates (and q* is found by stochastic optimization, within about "
-        "0.002 nats of the optimum): a datum whose gap is near zero can come out slightly "
-        "negative by noise alone. Read the means, with their errors."
+        "the Pareto tail of the importance weights, per datum (the figure draws the three "
+        "thresholds): below 0.5 the weights' variance is finite and the estimate reliable; "
+        "0.5 to 0.7 the variance is infinite but the estimate usable; above 0.7 that datum's "
+        "estimate is unreliable, usually too low; above 1 even the weights' mean is infinite "
+        "(Vehtari et al., Pareto smoothed importance sampling). (3) <b>ESS</b>, how many of "
+        "the K samples effectively count: ESS far below K means a few samples carry all the "
+        "weight. (4) <b>Gaps</b>: log p&#770;(x) &minus; ELBO estimates "
+        "KL(q(z|x) &#8214; p(z|x)), how far the encoder's posterior is from the true one; "
+        "where measured, it splits into the approximation gap (the limit of the guide's "
+        "family) and the amortization gap (the encoder missing the best member of that "
+        "family; Cremer et al. 2018). Each gap is a KL divergence, so never negative in "
+        "truth, but its per-datum estimate is a difference of Monte Carlo estimates (and q* "
+        "is found by stochastic optimization, within about 0.002 nats of the optimum): a "
+        "datum whose gap is near zero can come out slightly negative by noise alone. Read "
+        "the means, with their errors."
     ),
     "bdmc": (
         "Importance sampling and AIS estimate log p(x) from below: in expectation they are "
@@ -151,7 +161,13 @@ h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
 .verdict { font-weight: bold; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-family: monospace; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.metrics { width: 100%; }
+table.metrics td { vertical-align: baseline; }
+table.metrics td:first-child { white-space: nowrap; }
+table.env td:first-child { white-space: nowrap; }
+details { margin: 1em 0; }
+summary { cursor: pointer; font-weight: bold; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.88em; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
@@ -254,6 +270,8 @@ class _Run:
     bdmc: dict[str, Any] | None = None
     data: PreparedData | None = None
     problems: dict[str, str] = field(default_factory=dict)
+    #: What the checkpoint recorded of its last training session (pyro-vae >= 0.3).
+    trained_environment: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -282,7 +300,8 @@ def _load_run(run_dir: Path) -> _Run:
         run.problems["model"] = f"no {CHECKPOINT_FILE} yet (the first epoch has not finished)"
         return run
     try:
-        run.vae = load(run_dir)
+        run.vae, state = load_run(run_dir)
+        run.trained_environment = state.get("environment")
     except UserError as e:
         run.problems["model"] = str(e)
         _warn(f"the report of {run_dir} has no model figures: {e}")
@@ -336,9 +355,48 @@ def _status(run: _Run) -> str:
 # --- sections ----------------------------------------------------------------------
 
 
+def environment() -> dict[str, str]:
+    """The software and machine making the report: name -> value (plain text).
+
+    :func:`pyro_vae.environment.environment` for the CPU, where the report
+    computes (it loads the model there).
+    """
+    return describe_environment(current_environment("cpu"))
+
+
 def _config_section(run: _Run) -> _Section:
     section = _Section("config")
-    section.add(f"<pre>{html.escape(run.config_text)}</pre>")
+    now = environment()
+    trained = run.trained_environment
+    if trained:
+        columns = [("trained with (its last session)", describe_environment(trained))]
+        section.add(
+            "<p>The first column is what the checkpoint recorded when its last training "
+            "session ran; the second is the machine that made this report, now.</p>"
+        )
+    else:
+        columns = []
+        section.add(
+            "<p>The checkpoint records no software versions (it was written by pyro-vae "
+            "before 0.3), so these describe the machine that made this report, now, which may "
+            "differ from the one that trained or evaluated the run. The run records its "
+            f"training device only: <code>train.device = "
+            f"{html.escape(run.config.train.device)}</code>.</p>"
+        )
+    columns.append(("report made with (this machine, now)", now))
+    names = list(dict.fromkeys(k for _, c in columns for k in c))
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{html.escape(c.get(name, '-'))}</td>" for _, c in columns)
+        + "</tr>"
+        for name in names
+    )
+    section.add(f'<table class="env"><tr><th></th>{head}</tr>{rows}</table>')
+    section.add(
+        "<details><summary>Configuration (config.toml)</summary>"
+        f"<pre>{html.escape(run.config_text)}</pre></details>"
+    )
     return section
 
 
@@ -384,7 +442,8 @@ def _metrics_section(run: _Run, active: tuple[int, int] | None) -> _Section:
             for name, value, meaning in rows
         )
         section.add(
-            f"<table><tr><th>quantity</th><th>value</th><th>meaning</th></tr>{body}</table>"
+            '<table class="metrics"><tr><th>quantity</th><th>value</th><th>meaning</th></tr>'
+            f"{body}</table>"
         )
     return section
 
@@ -403,7 +462,7 @@ def _evaluation_rows(ev: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if (ll := number("log_likelihood")) is not None:
         value = _fmt(ll)
         if (se := number("log_likelihood_stderr")) is not None:
-            value += f" &plusmn; {_fmt(se)}"
+            value += f"&nbsp;&plusmn;&nbsp;{_fmt(se)}"
         meaning = (
             f"importance sampling, K = {k}, proposal {proposal}; {where}; "
             "&plusmn; SE over data (the spread of log p(x) across data points; to compare two "
@@ -465,7 +524,10 @@ def _training_section(run: _Run) -> _Section:
         run.history,
     )
     section.figure(
-        "kl-history", "Test KL of each latent dimension", plots.plot_kl_history, run.history
+        "kl-history",
+        "Test KL of each latent dimension over epochs",
+        plots.plot_kl_history,
+        run.history,
     )
     return section
 
@@ -724,9 +786,11 @@ def _reliability(ev: Mapping[str, Any]) -> str:
             "unreliable (usually too low), so the reported log p(x) may underestimate the "
             "truth; more samples (K) or a better guide would help."
         )
-    bounds = {k: v for k, v in (ev.get("iwae") or {}).items() if v is not None}
+    from .plots import iwae_curve
+
+    bounds = iwae_curve(ev)
     if len(bounds) >= 2:
-        ks = sorted(bounds, key=lambda k: int(k))
+        ks = list(bounds)
         rise = bounds[ks[-1]] - bounds[ks[-2]]
         sentences.append(
             f"The IWAE bound rose by {rise:.3f} nats from K = {ks[-2]} to K = {ks[-1]} "
@@ -778,8 +842,8 @@ def build_report(
         chosen = _choose_split(run, split)
         collapse, active = _collapse_section(run, chosen)
         sections = [
-            _config_section(run),
             _metrics_section(run, active),
+            _config_section(run),
             _training_section(run),
             _generation_section(run, chosen, seed),
             _latent_section(run, chosen, compare_path, seed),

@@ -72,6 +72,7 @@ from .data import (
     resolve_binarize,
 )
 from .elbo import evaluate_elbo
+from .environment import environment
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -379,6 +380,7 @@ def _public(best: Mapping[str, Any] | None) -> dict[str, Any] | None:
 def best_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """What ``best.pt`` keeps of a checkpoint: the weights and what loading them needs."""
     keys = ("config", "event_shape", "num_data", "data_sha256", "method", "model", "epoch")
+    keys += ("environment",)
     return {**{k: state[k] for k in keys}, "valid_elbo": state["best"]["valid_elbo"]}
 
 
@@ -546,6 +548,7 @@ class Trainer:
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
+        session = environment(str(device))  # recorded with every checkpoint of this session
         total = cfg.train.epochs * steps
         bar = tqdm(
             total=total,
@@ -576,6 +579,7 @@ class Trainer:
                 "history": history,
                 "best": best,
                 "stopped_early": stopped_early,
+                "environment": session,
                 "scheduler": (
                     {"name": cfg.train.lr_schedule, "state": scheduler.state_dict()}
                     if scheduler is not None

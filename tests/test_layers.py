@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 #: Lowest first; a module may import from any module of a strictly lower layer.
 LAYERS = [
     ["_version"],
+    ["environment"],
     ["errors"],
     ["files"],
     ["plugins"],

@@ -157,13 +157,39 @@ def test_plot_elbo_terms_draws_reconstruction_and_kl_apart(run2):
     assert "reconstruction" in rec_ax.get_title() and "KL" in kl_ax.get_title()
 
 
-def test_plot_kl_history_draws_one_line_per_dimension(run2):
+def kl_history(epochs, dims, seed=0):
+    rng = np.random.RandomState(seed)
+    return [{"epoch": e, "test_kl_per_dim": rng.uniform(0, 2, dims).tolist()} for e in epochs]
+
+
+def test_plot_kl_history_is_a_heatmap_of_epochs_by_dimensions(run2):
     history = run2[2]
-    (ax,) = plots.plot_kl_history(history).axes
-    lines = ax.get_lines()
-    assert len(lines) == 2
-    for d, ln in enumerate(lines):
-        assert list(ln.get_ydata()) == [r["test_kl_per_dim"][d] for r in history]
+    fig = plots.plot_kl_history(history)
+    ax, colorbar_ax = fig.axes
+    assert ax.get_lines() == []  # no line per dimension: cells
+    (mesh,) = ax.collections
+    expected = np.array([r["test_kl_per_dim"] for r in history]).T  # (D, E)
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(expected.shape), expected)
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "latent dimension d"
+    assert colorbar_ax.get_ylabel() == "KL (nats)"
+    assert mesh.norm.vmin == 0.0
+
+
+def test_plot_kl_history_tells_sixteen_dimensions_apart():
+    history = kl_history([1, 2, 4], 16)  # epoch 3 has no record
+    ax, colorbar_ax = plots.plot_kl_history(history).axes
+    (mesh,) = ax.collections
+    corners = mesh.get_coordinates()  # (D + 1, E + 1, 2)
+    assert corners.shape == (17, 5, 2)
+    centres_x = (corners[0, 1:, 0] + corners[0, :-1, 0]) / 2
+    np.testing.assert_allclose(centres_x, [1, 2, 3, 4])  # every cell centred on its epoch
+    cells = mesh.get_array().reshape(16, 4)
+    assert cells.mask[:, 2].all() and not cells.mask[:, [0, 1, 3]].any()  # epoch 3: blank
+    np.testing.assert_allclose(cells[:, 3], history[2]["test_kl_per_dim"])
+    centres_y = (corners[1:, 0, 1] + corners[:-1, 0, 1]) / 2
+    np.testing.assert_allclose(centres_y, np.arange(16))
+    assert [int(t) for t in ax.get_yticks()] == list(range(16))  # every dimension labelled
+    assert "D = 16" in ax.get_title() and colorbar_ax.get_ylabel() == "KL (nats)"
 
 
 def test_curves_need_records():
@@ -350,6 +376,51 @@ def test_plot_iwae_bound_draws_the_bounds_in_k_order():
         plots.plot_iwae_bound({"iwae": {}})
 
 
+def test_plot_iwae_bound_includes_the_k_of_the_estimate():
+    summary, _ = fake_evaluation(50, k_max=500)
+    summary["iwae"] = {k: v for k, v in summary["iwae"].items() if k != "500"}  # 1, 4, 16
+    (ax,) = plots.plot_iwae_bound(summary).axes
+    xs, ys = line(ax, r"IWAE bound $\mathcal{L}_K$")
+    assert xs == [1, 4, 16, 500]  # the K actually used, from num_samples
+    assert ys[-1] == summary["log_likelihood"]  # L_K at K = num_samples is the estimate
+    assert "500" in [t.get_text() for t in ax.get_xticklabels()]
+    assert plots.iwae_curve(summary) == dict(zip(xs, ys, strict=True))
+
+
+def test_iwae_curve_adds_nothing_that_is_no_iwae_bound():
+    summary, _ = fake_evaluation(50, k_max=64)
+    assert list(plots.iwae_curve(summary)) == [1, 4, 16, 64]  # already listed: not twice
+    summary["iwae"].pop("64")
+    ais = {**summary, "estimator": "ais"}  # an AIS estimate, num_samples = chains
+    assert list(plots.iwae_curve(ais)) == [1, 4, 16]
+    assert plots.iwae_curve({**summary, "iwae": {}}) == {}
+
+
+def horizontal_lines(ax):
+    """y -> label of every horizontal line on ``ax``."""
+    found = {}
+    for ln in ax.get_lines():
+        ys = np.unique(np.asarray(ln.get_ydata(), dtype=float))
+        if len(ys) == 1:
+            found[float(ys[0])] = ln.get_label()
+    return found
+
+
+def test_plot_khat_draws_labelled_lines_at_0_5_0_7_and_1():
+    khat = np.array([0.1, 0.3, 0.6, 0.8, 1.2, np.nan])
+    (ax,) = plots.plot_khat(khat).axes
+    lines = horizontal_lines(ax)
+    assert set(lines) == {0.5, 0.7, 1.0}
+    assert lines[0.5].startswith("0.5:") and "good" in lines[0.5]
+    assert lines[0.7].startswith("0.7:") and "unreliable" in lines[0.7]
+    assert lines[1.0].startswith("1:") and "infinite" in lines[1.0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert all(label in legend for label in lines.values())
+    points = {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections}
+    np.testing.assert_allclose(points["datum"], [[0, 0.1], [1, 0.3], [2, 0.6]])
+    np.testing.assert_allclose(points["datum above 0.7"], [[3, 0.8], [4, 1.2]])
+
+
 def test_plot_khat_reports_the_fraction_above_0_7():
     _, per_datum = fake_evaluation(200)
     khat = per_datum["khat"]
@@ -375,6 +446,22 @@ def test_plot_gaps_one_panel_per_gap():
     assert len(plots.plot_gaps(plain).axes) == 1
     with pytest.raises(DataError, match="no gaps"):
         plots.plot_gaps({"ess": np.ones(3)})
+
+
+def test_plot_gaps_panels_are_titled_and_labelled_in_readable_fonts():
+    _, per_datum = fake_evaluation(80)
+    axes = plots.plot_gaps(per_datum).axes
+    titles = [ax.get_title() for ax in axes]
+    assert [t.split("\n")[0] for t in titles] == [
+        "inference gap",
+        "approximation gap",
+        "amortization gap",
+    ]
+    for ax in axes:
+        assert ax.get_ylabel() and ax.get_xlabel()  # every panel, not the first only
+        assert ax.xaxis.label.get_size() >= 11 and ax.yaxis.label.get_size() >= 11
+        assert ax.title.get_size() >= 11
+        assert all(t.get_size() >= 10 for t in ax.get_xticklabels() + ax.get_yticklabels())
 
 
 # --- headless, no import-time cost ---------------------------------------------------

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 import pyro_vae
 from pyro_vae import report
 from pyro_vae.cli import main
+from pyro_vae.environment import git_commit
 from pyro_vae.errors import CheckpointError, DataError
 
 FIGURES = [
@@ -135,6 +137,104 @@ def test_the_report_carries_the_config_and_the_final_metrics(page, run):
     evaluation = json.loads((run / report.EVALUATION_FILE).read_text())
     assert f"{evaluation['log_likelihood']:.2f}" in metrics
     assert "2 of 2" in metrics  # epochs, and active units of D = 2 (both active after training)
+
+
+def test_the_metrics_come_first_and_the_config_is_folded(page, run):
+    metrics, config = page.index('<section id="metrics">'), page.index('<section id="config">')
+    assert metrics < config
+    assert list(report.SECTIONS)[0] == "metrics"
+    folded = re.search(
+        r"<details><summary>Configuration \(config\.toml\)</summary>(.*?)</details>", page, re.S
+    )
+    assert folded is not None and folded.start() > page.index("</section>", metrics)
+    text = (run / "config.toml").read_text()
+    assert folded.group(1) == f"<pre>{report.html.escape(text)}</pre>"
+    assert page.count("<pre>") == 1  # the config appears folded only
+
+
+def test_numeric_cells_do_not_wrap(page):
+    css = page[page.index("<style>") : page.index("</style>")]
+    rule = re.search(r"td\.num\s*\{([^}]*)\}", css)
+    assert rule is not None and "white-space: nowrap" in rule.group(1)
+    metrics = section_text(page, "metrics")
+    assert '<table class="metrics">' in metrics
+    value = re.search(r"log-likelihood log p&#770;\(x\)</td><td ([^>]*)>([^<]*)</td>", metrics)
+    assert value is not None and value.group(1) == 'class="num"'
+    assert "&nbsp;&plusmn;&nbsp;" in value.group(2)  # "-25.22 ± 0.28" stays on one line
+
+
+def environment_rows(block):
+    rows = re.findall(r"<tr><td>([^<]*)</td>((?:<td>[^<]*</td>)+)</tr>", block)
+    return {name: re.findall(r"<td>([^<]*)</td>", cells) for name, cells in rows}
+
+
+def test_the_environment_block_names_versions_device_and_threads(page):
+    import pyro
+
+    block = section_text(page, "config")
+    assert "trained with (its last session)" in block  # the checkpoint records its session
+    env = environment_rows(block)
+    for column in (0, 1):  # trained with, report made with: the same machine here
+        assert env["pyro-vae"][column] == pyro_vae.__version__
+        assert env["torch"][column] == report.html.escape(torch.__version__)
+        assert env["pyro"][column] == pyro.__version__
+        assert env["device"][column] == "cpu"
+        assert int(env["threads"][column]) >= 1
+
+
+def test_a_checkpoint_without_an_environment_gets_the_report_machine_only(run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    del state["environment"]  # as pyro-vae 0.2 wrote it
+    torch.save(state, old / "checkpoint.pt")
+    block = section_text(report.build_report(old), "config")
+    assert "describe the machine that made this report" in block
+    assert "train.device = cpu" in block  # what the run itself records
+    assert all(len(cells) == 1 for cells in environment_rows(block).values())
+
+
+def git(cwd, *args):
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_commit_of_a_checkout_and_none_elsewhere(tmp_path, monkeypatch):
+    package = tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    assert git_commit(package) is None  # not a git checkout
+    git(tmp_path / "repo", "init", "-q")
+    assert git_commit(package) is None  # a repository that does not track the package
+    git(tmp_path / "repo", "add", ".")
+    git(tmp_path / "repo", "commit", "-q", "-m", "first")
+    commit = git(tmp_path / "repo", "rev-parse", "--short", "HEAD")
+    assert git_commit(package) == commit
+    (package / "__init__.py").write_text("x = 2\n")
+    assert git_commit(package) == f"{commit} + local changes"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert git_commit(package) is None  # never an error
+    assert "git commit" not in report.environment()
+
+
+def test_the_verdict_measures_the_iwae_rise_up_to_the_k_used():
+    ev = {
+        "num_samples": 500,
+        "log_likelihood": -25.0,
+        "iwae": {"1": -26.0, "10": -25.5, "100": -25.2},
+        "khat_fraction_above_0_7": 0.0,
+    }
+    assert "rose by 0.200 nats from K = 100 to K = 500" in report._reliability(ev)
 
 
 def test_the_active_unit_count_is_the_computed_one(page, run):
