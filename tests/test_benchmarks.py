@@ -1,0 +1,69 @@
+"""The log-likelihood table of BENCHMARKS.md is generated from benchmarks/results/*.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import nll_table  # noqa: E402
+
+KEYS = {
+    "row", "config", "epochs", "best_epoch", "wall_seconds", "device", "threads", "nll",
+    "nll_se_data", "nll_se_mc", "elbo", "iwae", "khat_fraction_above_0_7", "versions",
+    "command",
+}  # fmt: skip
+
+
+def test_the_table_in_benchmarks_md_is_the_one_the_results_give():
+    records = nll_table.read_results(nll_table.RESULTS)
+    assert records, "benchmarks/results holds no result"
+    assert nll_table.table_in(nll_table.TABLE_FILE) == nll_table.render_table(records)
+    for record in records:
+        assert KEYS <= set(record), record["row"]
+        assert record["row"] in nll_table.ROWS
+        assert record["nll"] == pytest.approx(-dict(record["iwae"]).get(
+            str(record["num_samples"]), -record["nll"]))  # fmt: skip
+
+
+def test_every_row_config_loads():
+    import pyro_vae
+
+    for row in nll_table.ROWS:
+        config = pyro_vae.Config.load(nll_table.row_config(row))
+        assert config.data.name == "binarized-mnist"
+        assert config.model.latent_dim == 40 and config.train.batch_size == 100
+
+
+def test_the_harness_trains_evaluates_writes_and_tabulates(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "standard.toml").write_text(
+        '[model]\nlatent_dim = 2\n[model.encoder]\nname = "mlp"\nhidden = [16]\n'
+        '[model.decoder]\nname = "mlp"\nhidden = [16]\n[train]\nepochs = 1\n'
+    )  # digits: no valid split, so the last checkpoint is evaluated
+    table = tmp_path / "B.md"
+    table.write_text(f"# t\n\n{nll_table.START}\nold\n{nll_table.END}\ntail\n")
+    argv = [
+        "--rows", "standard", "--runs", str(tmp_path / "runs"), "--seed-runs", str(tmp_path),
+        "--results", str(tmp_path / "results"), "--table-file", str(table),
+        "--configs", str(configs), "--num-samples", "10", "--max-data", "20", "--quiet",
+    ]  # fmt: skip
+    assert nll_table.main(argv) == 0
+    record = json.loads((tmp_path / "results" / "standard.json").read_text())
+    assert KEYS <= set(record)
+    assert record["epochs"] == 1 and record["evaluated_checkpoint"] == "last"
+    assert record["num_data"] == 20 and record["num_samples"] == 10
+    assert (
+        record["versions"]["trained_with"]["pyro_vae"]
+        == record["versions"]["evaluated_with"]["pyro_vae"]
+    )
+    text = table.read_text()
+    assert "old" not in text and text.endswith(f"{nll_table.END}\ntail\n")
+    assert "not comparable: 20 test data" in text
+    # a second call resumes the run (nothing to train: already at its epochs) and evaluates again
+    assert nll_table.main(argv) == 0
+    assert json.loads((tmp_path / "results" / "standard.json").read_text())["epochs"] == 1
