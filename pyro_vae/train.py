@@ -496,6 +496,7 @@ class Trainer:
                 f"split (splits: {', '.join(data.splits)}); use a dataset with one"
             )
         scheduler = make_scheduler(cfg.train, strategy)
+        optimizer = getattr(strategy, "optimizer", None)
         train = data.train.to(device)
         evaluation = {
             s: (data.splits["train"] if s == "train_set" else data.splits[s]).to(device)
@@ -645,7 +646,8 @@ class Trainer:
                     record["beta"] = beta
                     record["kl_estimator"] = kl_estimator(objective)
                     record["gradient_steps"] = epoch * steps * strategy.gradients_per_step
-                    record["lr"] = strategy.optimizer.param_groups[0]["lr"]
+                    if optimizer is not None:  # a plugin's strategy may keep no optimizer
+                        record["lr"] = optimizer.param_groups[0]["lr"]
                     history.append(record)
                     perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
                     valid = record.get("valid_elbo")
