@@ -221,9 +221,9 @@ def _status(record: dict[str, Any]) -> str:
 def render_table(records: list[dict[str, Any]]) -> str:
     """The Markdown table of the result records (what ``BENCHMARKS.md`` holds between markers)."""
     head = (
-        "| row | -log p(x) (nats) | SE over data | Monte Carlo SE | -ELBO | target | status "
-        "| epochs (evaluated) | training time | threads | k̂ > 0.7 | published |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| row | -log p(x) (nats) | SE over data | Monte Carlo SE | -ELBO | K, test data | target "
+        "| status | epochs (evaluated) | training time | threads | k̂ > 0.7 | published |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in records:
@@ -232,7 +232,7 @@ def render_table(records: list[dict[str, Any]]) -> str:
         threads = r.get("threads")
         lines.append(
             f"| `{r['row']}` | {r['nll']:.2f} | {r['nll_se_data']:.2f} | {r['nll_se_mc']:.3f} "
-            f"| {-r['elbo']:.2f} | {target} | {_status(r)} "
+            f"| {-r['elbo']:.2f} | {r['num_samples']}, {r['num_data']} | {target} | {_status(r)} "
             f"| {r['epochs']} ({r['evaluated_checkpoint']}: {r['evaluated_epoch']}) "
             f"| {r['wall_seconds'] / 3600:.2f} h | {threads if threads is not None else '?'} "
             f"| {'-' if khat is None else f'{100 * khat:.1f}%'} | {r['published']} |"
