@@ -53,9 +53,9 @@ def test_plain_pytest_collects_every_notebook():
     # this collection (--ignore-glob) only to keep it quick: they do not decide
     # whether notebooks are collected; -n 0 collects in this one process.
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         "-n", "0", "--ignore-glob", "tests/*"],  # fmt: skip
+        [*command, "-n", "0", "--ignore-glob", "tests/*"],
         cwd=ROOT,
         capture_output=True,
         text=True,
