@@ -88,11 +88,16 @@ class MLP(Network):
         widths = [math.prod(self.in_shape), *(int(h) for h in hidden)]
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(a, b), make_activation(activation)]
+            layers += self._hidden_layer(a, b, activation)
         if out_features is not None:
             layers.append(nn.Linear(widths[-1], out_features))
         self.layers = nn.Sequential(*layers)
         self.out_features = widths[-1] if out_features is None else int(out_features)
+
+    @staticmethod
+    def _hidden_layer(a: int, b: int, activation: str) -> list[nn.Module]:
+        """One hidden layer ``a -> b``: linear, then the activation."""
+        return [nn.Linear(a, b), make_activation(activation)]
 
     @classmethod
     def from_config(
@@ -152,20 +157,12 @@ class GatedMLP(MLP):
     def __init__(
         self, in_shape: Sequence[int], out_features: int | None, hidden: Sequence[int] = (300, 300)
     ) -> None:
-        nn.Module.__init__(self)
-        self.in_shape = tuple(int(s) for s in in_shape)
-        if any(int(h) < 1 for h in hidden):
-            raise ConfigError(f"hidden layer sizes must be >= 1, got {list(hidden)}")
-        if out_features is None and not hidden:
-            raise ConfigError("an encoder network needs at least one hidden layer")
-        widths = [math.prod(self.in_shape), *(int(h) for h in hidden)]
-        layers: list[nn.Module] = [
-            GatedLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
-        ]
-        if out_features is not None:
-            layers.append(nn.Linear(widths[-1], out_features))
-        self.layers = nn.Sequential(*layers)
-        self.out_features = widths[-1] if out_features is None else int(out_features)
+        super().__init__(in_shape, out_features, hidden)
+
+    @staticmethod
+    def _hidden_layer(a: int, b: int, activation: str) -> list[nn.Module]:
+        """One hidden layer ``a -> b``: a gated linear unit (no activation)."""
+        return [GatedLinear(a, b)]
 
     @classmethod
     def from_config(  # type: ignore[override]
