@@ -88,15 +88,6 @@ def to_package(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_package(vae: pyro_vae.VAE) -> dict[str, torch.Tensor]:
-    inverse = {v: k for k, v in NAMES.items()}
-    return {
-        f"{inverse[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v.clone()
-        for k, v in vae.state_dict().items()
-        if not k.startswith("prior.")
-    }
-
-
 @torch.no_grad()
 def elbo(model: TorchVAE, x: torch.Tensor, batch: int = 1000) -> float:
     model.eval()

@@ -49,15 +49,13 @@ def posterior_mean(
         DataError: the guide is not amortized (no posterior for new data).
     """
     require_amortized(vae)
-    means = []
     with seeded(seed):
-        for start in range(0, len(x), batch_size):
-            q = vae.posterior(x[start : start + batch_size])
-            try:
-                means.append(q.mean)
-            except NotImplementedError:
-                means.append(q.rsample((num_samples,)).mean(0))
-    return torch.cat(means)
+        return torch.cat(
+            [
+                vae.encode(x[start : start + batch_size], draws=num_samples)
+                for start in range(0, len(x), batch_size)
+            ]
+        )
 
 
 @dataclass

@@ -906,12 +906,11 @@ def evaluate_run(
     run_dir = Path(run_dir)
     vae, state = load_run(run_dir, str(resolve_device(device)), checkpoint)  # before the lock
     with run_lock(run_dir) if write else nullcontext():  # one writer: not while it trains
-        result = _evaluate_run(
+        return _evaluate_run(
             vae, run_dir, split, num_samples, iwae_k, proposal, gaps, max_data,
             batch_size, chunk_size, seed, progress, write, max_seconds, state.get("data_sha256"),
             ais, {"checkpoint": checkpoint, "checkpoint_epoch": state.get("epoch")},
         )  # fmt: skip
-    return result
 
 
 def _evaluate_run(

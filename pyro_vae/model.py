@@ -208,13 +208,18 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, x: torch.Tensor, index: torch.Tensor | None = None, *, sample: bool = False
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor | None = None,
+        *,
+        sample: bool = False,
+        draws: int = MEAN_DRAWS,
     ) -> torch.Tensor:
         """Latent codes of data ``x`` ``(B, *event_shape)``: shape ``(B, D)``.
 
         The mean of :math:`q(z|x)`, or one draw with ``sample=True``. A family
         with no closed-form mean (a flow such as ``iaf``) gives the average of
-        :data:`MEAN_DRAWS` draws.
+        ``draws`` draws.
         """
         q = self.posterior(x, index)
         if sample:
@@ -222,7 +227,7 @@ class VAE(nn.Module):
         try:
             return q.mean
         except NotImplementedError:
-            return q.sample((MEAN_DRAWS,)).mean(0)
+            return q.sample((draws,)).mean(0)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

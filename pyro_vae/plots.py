@@ -120,7 +120,7 @@ def _show_grid(ax: Axes, grid: torch.Tensor) -> None:
 @torch.no_grad()
 def decode_mean(vae: VAE, z: torch.Tensor) -> torch.Tensor:
     """The decoded images :math:`\\mathbb E_{p(x|z)}[x]`, shape ``z.shape[:-1] + event_shape``."""
-    return vae.likelihood(z).mean
+    return vae.decode(z)
 
 
 @torch.no_grad()
