@@ -14,6 +14,7 @@ posteriors at learned pseudo-inputs), the other priors ignore it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
@@ -54,6 +55,89 @@ class Prior(Describable, nn.Module):
 
         Priors that do not depend on the guide ignore this.
         """
+
+
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    r"""A mixture of ``K`` diagonal Normals whose ``log_prob`` is two matrix products.
+
+    The density is that of :class:`~pyro.distributions.MixtureSameFamily`,
+
+    .. math::
+
+        \log p(z) = \operatorname{logsumexp}_k \Big[\log\pi_k
+            - \tfrac12 \sum_d \frac{(z_d - m_{kd})^2}{s_{kd}^2}
+            - \sum_d \log s_{kd} - \tfrac D2 \log 2\pi\Big],
+
+    but the quadratic form is expanded as
+    :math:`z^2 \cdot s_k^{-2} - 2\, z \cdot (m_k s_k^{-2}) + \lVert m_k / s_k\rVert^2`,
+    so ``N`` points cost two ``(N, D) @ (D, K)`` products instead of an
+    ``(N, K, D)`` broadcast: about 10x faster for the VampPrior's ``K = 500``
+    in ``D = 40`` (the cost of its importance-sampled log-likelihood). The
+    products run in float64 whatever the input dtype, so the expansion's
+    cancellation costs nothing (the result agrees with the broadcast to
+    float64 round-off; the broadcast in float32 is off by about 1e-5).
+
+    Construction and shapes are those of ``MixtureSameFamily`` with a
+    ``Categorical`` of batch shape ``()`` and components ``Normal(loc, scale)
+    .to_event(1)`` of batch shape ``(K,)`` and event shape ``(D,)``; build it
+    with :func:`diagonal_normal_mixture`. After ``expand`` (as Pyro's plates
+    do) the fast path still applies, since the expanded parameters are views
+    of the ``(K, D)`` ones; any other layout falls back to the broadcast.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log p(value)`` for ``value`` of shape ``(..., D)``: shape ``broadcast(..., batch)``."""
+        normal = self.component_distribution.base_dist
+        logits = self.mixture_distribution.logits
+        loc, scale = _unexpanded(normal.loc, 2), _unexpanded(normal.scale, 2)
+        logits = _unexpanded(logits, 1)
+        if loc is None or scale is None or logits is None:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        work = torch.promote_types(value.dtype, torch.float64)
+        z, loc, scale = value.to(work), loc.to(work), scale.to(work)
+        precision = scale.pow(-2)  # (K, D)
+        quadratic = torch.matmul(z * z, precision.T) - 2 * torch.matmul(z, (loc * precision).T)
+        quadratic = quadratic + (loc * loc * precision).sum(-1)  # (..., K)
+        log_normal = (
+            -0.5 * quadratic - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        )
+        log_weights = torch.log_softmax(logits.to(work), -1)
+        log_p = torch.logsumexp(log_normal + log_weights, -1).to(value.dtype)
+        return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+
+
+def _unexpanded(tensor: torch.Tensor, core: int) -> torch.Tensor | None:
+    """The ``core``-dimensional tensor that ``tensor`` is an ``expand`` of, else ``None``."""
+    lead = tensor.dim() - core
+    if lead < 0 or any(tensor.stride(i) != 0 for i in range(lead) if tensor.shape[i] > 1):
+        return None
+    return tensor[(0,) * lead] if lead else tensor
+
+
+def diagonal_normal_mixture(
+    logits: torch.Tensor, components: dist.TorchDistribution
+) -> dist.MixtureSameFamily:
+    """``MixtureSameFamily(Categorical(logits), components)``, fast for diagonal Normals.
+
+    Args:
+        logits: Mixture logits ``(K,)``.
+        components: Batch shape ``(K,)``, event shape ``(D,)``.
+
+    Returns:
+        A :class:`DiagonalNormalMixture` when ``components`` is ``Normal(loc, scale)
+        .to_event(1)`` with ``(K, D)`` parameters, else a plain ``MixtureSameFamily``.
+    """
+    weights = dist.Categorical(logits=logits)
+    if (
+        isinstance(components, dist.Independent)
+        and type(components.base_dist) in (dist.Normal, torch.distributions.Normal)
+        and components.reinterpreted_batch_ndims == 1
+        and components.base_dist.loc.dim() == 2
+    ):
+        return DiagonalNormalMixture(weights, components)
+    return dist.MixtureSameFamily(weights, components)
 
 
 @PRIORS.register("standard-normal")
@@ -158,9 +242,8 @@ class MixturePrior(Prior):
 
     def forward(self) -> dist.TorchDistribution:
         """The mixture, batch shape ``()``, event shape ``(D,)``."""
-        return dist.MixtureSameFamily(
-            dist.Categorical(logits=self.logits),
-            dist.Normal(self.locs, self.log_scales.exp()).to_event(1),
+        return diagonal_normal_mixture(
+            self.logits, dist.Normal(self.locs, self.log_scales.exp()).to_event(1)
         )
 
 
@@ -245,8 +328,9 @@ class VampPrior(Prior):
         if self._guide is None or self.pseudo_inputs is None:
             raise RuntimeError("the vamp prior has no guide; pass it to VAE(prior, guide, ...)")
         components = self._guide(self.pseudo_inputs)
-        weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.num_pseudo_inputs))
-        return dist.MixtureSameFamily(weights, components)
+        return diagonal_normal_mixture(
+            self.pseudo_inputs.new_zeros(self.num_pseudo_inputs), components
+        )
 
 
 def _affine(dim: int, hidden: list[int], permutation: torch.Tensor) -> nn.Module:

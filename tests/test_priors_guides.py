@@ -9,6 +9,7 @@ Jacobians, quadrature, Monte Carlo with tolerances from its standard error).
 import math
 from pathlib import Path
 
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
@@ -19,7 +20,13 @@ from pyro_vae.build import build_vae, resolve
 from pyro_vae.cli import main
 from pyro_vae.guides import DeltaGuide, FullRankGuide, IAFGuide, LowRankGuide
 from pyro_vae.nets import MLP
-from pyro_vae.priors import FlowPrior, LearnedNormalPrior, MixturePrior
+from pyro_vae.priors import (
+    DiagonalNormalMixture,
+    FlowPrior,
+    LearnedNormalPrior,
+    MixturePrior,
+    diagonal_normal_mixture,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LOG_2PI = math.log(2 * math.pi)
@@ -79,6 +86,74 @@ def test_mixture_log_prob_is_the_log_sum_exp_over_components():
     )
     expected = torch.log(torch.exp(per_component + log_weights).sum(-1))
     torch.testing.assert_close(prior().log_prob(z), expected)
+
+
+def broadcast_mixture(logits, loc, scale):
+    """The reference: Pyro's MixtureSameFamily, an (N, K, D) broadcast."""
+    return dist.MixtureSameFamily(
+        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
+    )
+
+
+@pytest.mark.parametrize("expand", [(), (5,), (3, 5)])
+@pytest.mark.parametrize("value_shape", [(), (5,), (3, 5), (2, 3, 5)])
+def test_matrix_product_mixture_density_and_gradients_equal_the_broadcast(expand, value_shape):
+    g = torch.Generator().manual_seed(1)
+    K, D = 7, 3
+    params = [
+        torch.randn(K, generator=g, dtype=torch.float64),
+        torch.randn(K, D, generator=g, dtype=torch.float64),
+        torch.rand(K, D, generator=g, dtype=torch.float64) + 0.05,
+    ]
+    z = 2 * torch.randn(*value_shape, D, generator=g, dtype=torch.float64)
+    results = []
+    for build in (
+        broadcast_mixture,
+        lambda a, b, c: diagonal_normal_mixture(a, dist.Normal(b, c).to_event(1)),
+    ):
+        leaves = [p.clone().requires_grad_() for p in params] + [z.clone().requires_grad_()]
+        mixture = build(*leaves[:3])
+        if expand:  # as Pyro's plates do
+            mixture = mixture.expand(torch.Size(expand))
+        log_p = mixture.log_prob(leaves[3])
+        grads = torch.autograd.grad(log_p.sum(), leaves)
+        results.append((type(mixture), log_p, grads))
+    (slow_type, slow, slow_grads), (fast_type, fast, fast_grads) = results
+    assert fast_type is DiagonalNormalMixture and slow_type is not DiagonalNormalMixture
+    assert fast.shape == slow.shape
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_matrix_product_mixture_keeps_float32_inputs_exact_where_the_expansion_cancels():
+    # narrow components far from 0: z^2/s^2 and 2 z m/s^2 are ~1e5 and cancel;
+    # in float32 the expansion would lose ~1e-2 nats, the float64 products nothing
+    g = torch.Generator().manual_seed(2)
+    K, D = 50, 40
+    loc = 3 + 0.1 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    scale = 0.01 + 0.01 * torch.rand(K, D, generator=g, dtype=torch.float64)
+    logits = torch.zeros(K, dtype=torch.float64)
+    z = loc[:10] + scale[:10] * torch.randn(10, D, generator=g, dtype=torch.float64)
+    fast = diagonal_normal_mixture(
+        logits.float(), dist.Normal(loc.float(), scale.float()).to_event(1)
+    ).log_prob(z.float())
+    assert fast.dtype == torch.float32
+    # float32 rounding of the inputs and of the output only (|log p| ~ 150)
+    input_rounding = broadcast_mixture(logits, loc.float().double(), scale.float().double())
+    reference = input_rounding.log_prob(z.float().double())
+    torch.testing.assert_close(fast.double(), reference, rtol=0, atol=5e-5)
+
+
+def test_other_components_fall_back_to_the_broadcast():
+    loc = torch.randn(4, 3)
+    full = dist.MultivariateNormal(loc, scale_tril=torch.eye(3).expand(4, 3, 3))
+    assert type(diagonal_normal_mixture(torch.zeros(4), full)) is dist.MixtureSameFamily
+    vae = small_model(("vamp", {"pseudo_inputs": 4}), ("full-rank", {}))
+    assert type(vae.prior()) is dist.MixtureSameFamily
+    assert type(small_model(("vamp", {"pseudo_inputs": 4}), ("mean-field", {})).prior()) is (
+        DiagonalNormalMixture
+    )
 
 
 def small_model(prior, guide, latent_dim=3, event=(6,)):
