@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 #: The environment variable that turns the notebooks' smoke mode on.
@@ -74,10 +75,29 @@ def _run_check(name: str, body: Callable[[], str]) -> bool:
     return True
 
 
+def _returned_none(what: str) -> _Wrong:
+    return _Wrong(f"your function returned None for {what}: did you forget `return`?")
+
+
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    """``value`` as a tensor: torch tensors, NumPy arrays and scalars, and Python numbers."""
+    if value is None:
+        raise _returned_none(what)
     if isinstance(value, torch.Tensor):
         return value
-    raise _Wrong(f"{what} should be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(value, (np.ndarray, np.generic, int, float)) and not isinstance(value, bool):
+        return torch.as_tensor(np.asarray(value, dtype=np.float64))
+    raise _Wrong(
+        f"{what} should be a number or an array (torch or NumPy), got {type(value).__name__}"
+    )
+
+
+def _as_float(value: Any, what: str) -> float:
+    """``value`` as a Python float: any numeric scalar, or a one-element tensor or array."""
+    tensor = _as_tensor(value, what)
+    if tensor.numel() != 1:
+        raise _Wrong(f"{what} should be one number, got shape {tuple(tensor.shape)}")
+    return float(tensor.detach().reshape(()).double())
 
 
 def _expect_close(
@@ -134,6 +154,48 @@ def check_reparameterize(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
     return _run_check("reparameterize", body)
 
 
+def check_elbo_estimate(fn: Callable[..., Any]) -> bool:
+    r"""Check ``fn(x, logits, z, loc, log_var)``: the one-draw Monte Carlo ELBO of each datum.
+
+    For a Bernoulli decoder with logits :math:`f(z)`, the prior
+    :math:`\mathcal N(0, I)` and the guide :math:`q(z|x) = \mathcal N(\mu,
+    \mathrm{diag}\,e^{\ell})` (``log_var`` :math:`\ell`), one draw :math:`z \sim q` gives
+
+    .. math::
+
+        \widehat{\mathrm{ELBO}}(x) = \log p(x \mid z) + \log p(z) - \log q(z \mid x),
+
+    summed over pixels and latent dimensions. Compared with the same sum from
+    :mod:`torch.distributions` (``Bernoulli(logits=...)``, ``Normal``).
+
+    Args:
+        fn: The student's function: ``x`` and ``logits`` ``(B, d)``, ``z``,
+            ``loc`` and ``log_var`` ``(B, D)``; returns ``(B,)``.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    import torch.distributions as td
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(6)
+        x = torch.bernoulli(torch.full((5, 7), 0.3, dtype=torch.float64), generator=generator)
+        logits = 2 * torch.randn(5, 7, generator=generator, dtype=torch.float64)
+        loc = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        log_var = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        scale = torch.exp(0.5 * log_var)
+        z = loc + scale * torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        expected = (
+            td.Bernoulli(logits=logits).log_prob(x).sum(-1)
+            + td.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            - td.Normal(loc, scale).log_prob(z).sum(-1)
+        )
+        _expect_close(fn(x, logits, z, loc, log_var), expected, "the ELBO estimate", rtol=1e-6)
+        return "ELBO ~ log p(x|z) + log p(z) - log q(z|x), with sd = exp(log_var / 2)"
+
+    return _run_check("one-draw ELBO", body)
+
+
 # --- 02: the Gaussian KL ----------------------------------------------------------
 
 
@@ -171,6 +233,51 @@ def check_kl_standard_normal(fn: Callable[[torch.Tensor, torch.Tensor], Any]) ->
     return _run_check("KL", body)
 
 
+def check_kl_diagonal_normals(fn: Callable[..., Any]) -> bool:
+    r"""Check ``fn(mu_q, sigma_q, mu_p, sigma_p)``: the KL between two diagonal Gaussians.
+
+    .. math::
+
+        \mathrm{KL}(q \,\|\, p) = \sum_d \Big[\log\frac{\sigma_{p,d}}{\sigma_{q,d}}
+            + \frac{\sigma_{q,d}^2 + (\mu_{q,d} - \mu_{p,d})^2}{2\sigma_{p,d}^2}
+            - \frac12\Big],
+
+    summed over the last dimension (a diagonal Gaussian is one distribution
+    over a vector). Compared with :func:`torch.distributions.kl_divergence`
+    of two ``Independent(Normal)`` on random parameters, including
+    :math:`p \ne \mathcal N(0, I)` and pairs where :math:`\mathrm{KL}(q\|p)`
+    and :math:`\mathrm{KL}(p\|q)` differ.
+
+    Args:
+        fn: The student's function; four tensors ``(B, D)`` in, ``(B,)`` out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    import torch.distributions as td
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(7)
+        mu_q, mu_p = (2 * torch.randn(6, 4, generator=generator, dtype=torch.float64) for _ in "qp")
+        sigma_q, sigma_p = (
+            torch.exp(torch.randn(6, 4, generator=generator, dtype=torch.float64)) for _ in "qp"
+        )
+        expected = td.kl_divergence(
+            td.Independent(td.Normal(mu_q, sigma_q), 1), td.Independent(td.Normal(mu_p, sigma_p), 1)
+        )
+        reverse = td.kl_divergence(
+            td.Independent(td.Normal(mu_p, sigma_p), 1), td.Independent(td.Normal(mu_q, sigma_q), 1)
+        )
+        got = fn(mu_q, sigma_q, mu_p, sigma_p)
+        tensor = _as_tensor(got, "KL(q || p)")
+        if tensor.shape == reverse.shape and torch.allclose(tensor.double(), reverse, rtol=1e-4):
+            raise _Wrong("that is KL(p || q): the expectation is under q, the first argument")
+        _expect_close(tensor, expected, "KL(q || p)")
+        return "KL(q || p) = sum_d log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2"
+
+    return _run_check("KL between diagonal Gaussians", body)
+
+
 # --- 03: KL warm-up ---------------------------------------------------------------
 
 
@@ -196,20 +303,66 @@ def check_kl_warmup(fn: Callable[[float, int, int], Any]) -> bool:
         for beta in (1.0, 0.5):
             for warmup in (0, 1, 4, 10):
                 for epoch in range(1, 16):
-                    got = fn(beta, warmup, epoch)
-                    if isinstance(got, torch.Tensor):
-                        got = got.item()
-                    if not isinstance(got, (int, float)):
-                        raise _Wrong(f"return a number, got {type(got).__name__}")
+                    got = _as_float(fn(beta, warmup, epoch), "the weight")
                     expected = kl_weight(beta, warmup, epoch)
-                    if not math.isclose(float(got), expected, abs_tol=1e-9):
+                    if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-7):  # float32 too
+                        hint = (
+                            "the full weight is beta, not 1"
+                            if math.isclose(got, expected / beta, rel_tol=1e-6, abs_tol=1e-7)
+                            else "epochs count from 1; the first epoch has weight 0"
+                        )
                         raise _Wrong(
-                            f"beta={beta}, W={warmup}, epoch {epoch}: got {got}, expected "
-                            f"{expected:g} (epochs count from 1; the first epoch has weight 0)"
+                            f"beta={beta}, W={warmup}, epoch {epoch}: got {got:g}, expected "
+                            f"{expected:g} ({hint})"
                         )
         return "beta_e = beta * min(1, (e - 1) / W), and beta when W = 0"
 
     return _run_check("KL warm-up", body)
+
+
+def check_beta_optimal_q(fn: Callable[..., Any]) -> bool:
+    r"""Check ``fn(beta, w, noise_variance, x)``: the q that maximizes the β-weighted ELBO.
+
+    For the one-dimensional linear-Gaussian model :math:`z \sim \mathcal N(0, 1)`,
+    :math:`x \mid z \sim \mathcal N(wz, \sigma^2)` and :math:`q = \mathcal N(m, s^2)`,
+
+    .. math::
+
+        \mathcal L_\beta(m, s^2) = -\frac{(x - wm)^2 + w^2 s^2}{2\sigma^2}
+            - \frac\beta2\,(m^2 + s^2 - \log s^2 - 1) + \text{const},
+
+    is maximized by :math:`m^* = wx / (w^2 + \beta\sigma^2)` and
+    :math:`s^{2*} = \beta\sigma^2 / (w^2 + \beta\sigma^2)`: the exact posterior
+    at :math:`\beta = 1`, and a point (:math:`s^2 = 0`) at the autoencoder's
+    inverse :math:`x / w` at :math:`\beta = 0`. Checked at several β (0
+    included), w, σ² and x against this closed form.
+
+    Args:
+        fn: The student's function; numbers in, a pair ``(m, s2)`` out.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+
+    def body() -> str:
+        for beta in (0.0, 0.1, 0.5, 1.0, 3.0):
+            for w, noise, x in ((2.0, 0.5, 1.3), (-0.7, 0.2, -0.4), (1.5, 2.0, 2.5)):
+                answer = fn(beta, w, noise, x)
+                if answer is None:
+                    raise _returned_none("(m, s2)")
+                if not (isinstance(answer, tuple | list) and len(answer) == 2):
+                    raise _Wrong("return a pair (m, s2): the mean and the variance of q")
+                m, s2 = _as_float(answer[0], "m"), _as_float(answer[1], "s2")
+                expected_m = w * x / (w * w + beta * noise)
+                expected_s2 = beta * noise / (w * w + beta * noise)
+                where = f"beta = {beta}, w = {w}, sigma^2 = {noise}, x = {x}"
+                if not math.isclose(s2, expected_s2, rel_tol=1e-6, abs_tol=1e-9):
+                    raise _Wrong(f"{where}: s2 = {s2:.4g}, expected {expected_s2:.4g}")
+                if not math.isclose(m, expected_m, rel_tol=1e-6, abs_tol=1e-9):
+                    raise _Wrong(f"{where}: m = {m:.4g}, expected {expected_m:.4g}")
+        return "m* = w x / (w^2 + beta sigma^2), s2* = beta sigma^2 / (w^2 + beta sigma^2)"
+
+    return _run_check("beta-optimal q", body)
 
 
 # --- 04: the continuous Bernoulli ---------------------------------------------------
@@ -316,6 +469,8 @@ def check_optimal_diagonal(
         x = torch.randn(4, 6, generator=generator, dtype=torch.float64)
         q = LinearGaussian(weight, bias, sigma).optimal_diagonal(x)
         answer = fn(weight, bias, sigma, x)
+        if answer is None:
+            raise _returned_none("(mean, variance)")
         if not (isinstance(answer, tuple | list) and len(answer) == 2):
             raise _Wrong("return a pair (mean, variance)")
         mean, variance = answer
@@ -354,8 +509,7 @@ def check_ppca_noise_variance(fn: Callable[[torch.Tensor, int], Any]) -> bool:
         for d, latent in ((10, 2), (7, 3), (5, 4)):
             eig = torch.rand(d, generator=generator, dtype=torch.float64).mul(5).sort().values
             eig = eig.flip(0)
-            got = fn(eig.clone(), latent)
-            got = float(got.item() if isinstance(got, torch.Tensor) else got)
+            got = _as_float(fn(eig.clone(), latent), "sigma^2")
             expected = float(eig[latent:].mean())
             if not math.isclose(got, expected, rel_tol=1e-6):
                 raise _Wrong(
@@ -365,6 +519,53 @@ def check_ppca_noise_variance(fn: Callable[[torch.Tensor, int], Any]) -> bool:
         return "sigma^2 is the mean of the d - latent_dim smallest eigenvalues"
 
     return _run_check("pPCA noise variance", body)
+
+
+def check_ppca_max_log_likelihood(fn: Callable[[torch.Tensor, int], Any]) -> bool:
+    r"""Check ``fn(eigenvalues, latent_dim)``: pPCA's maximized log-likelihood per datum.
+
+    At the maximum-likelihood fit (Tipping & Bishop 1999, eq. (4) with (7)
+    and (8)) the model covariance has the data covariance's top ``D``
+    eigenvalues and :math:`\hat\sigma^2` (the mean of the other ``d - D``) in
+    the remaining directions, so the mean log-likelihood depends on the
+    spectrum alone:
+
+    .. math::
+
+        \frac1N \sum_n \log p(x_n) = -\frac12\Big[d \log 2\pi
+            + \sum_{j \le D} \log\lambda_j + (d - D)\log\hat\sigma^2 + d\Big].
+
+    Compared with the exact log-likelihood of the fitted model
+    (:class:`pyro_vae.exact.LinearGaussian`) on random data sets.
+
+    Args:
+        fn: The student's function: eigenvalues ``(d,)`` of the data covariance
+            (divided by N), in decreasing order, and ``D``; returns a number.
+
+    Returns:
+        Whether the answer is right (a one-line verdict is printed).
+    """
+    from .exact import LinearGaussian
+
+    def body() -> str:
+        generator = torch.Generator().manual_seed(8)
+        for n, d, latent in ((200, 6, 2), (150, 5, 1), (300, 8, 4)):
+            x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+            x = x @ torch.randn(d, d, generator=generator, dtype=torch.float64)
+            mean = x.mean(0)
+            _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+            eigenvalues = s**2 / n
+            noise = eigenvalues[latent:].mean()
+            weight = vt[:latent].T * (eigenvalues[:latent] - noise).sqrt()
+            expected = LinearGaussian(weight, mean, float(noise.sqrt())).log_likelihood(x).mean()
+            got = _as_float(fn(eigenvalues.clone(), latent), "the log-likelihood")
+            if not math.isclose(got, float(expected), rel_tol=1e-6, abs_tol=1e-6):
+                raise _Wrong(
+                    f"d = {d}, D = {latent}: got {got:.5g}, expected {float(expected):.5g} nats"
+                )
+        return "the maximized pPCA log-likelihood needs only the top D eigenvalues and sigma^2"
+
+    return _run_check("pPCA maximum log-likelihood", body)
 
 
 # --- 08: a mixture's log density ----------------------------------------------------
