@@ -34,6 +34,9 @@ import torch
 #: The environment variable that turns the notebooks' smoke mode on.
 SMOKE_ENV = "PYRO_VAE_SMOKE"
 
+#: Set to a true value, it makes ``pytest notebooks`` run the full experiments (no smoke mode).
+FULL_ENV = "PYRO_VAE_FULL"
+
 T = TypeVar("T")
 
 
@@ -49,6 +52,35 @@ def pick(full: T, smoke_value: T) -> T:
         >>> epochs = pick(200, 2)  # 2 in the test suite, 200 for the students
     """
     return smoke_value if smoke() else full
+
+
+class ClaimFailed(AssertionError):
+    """A notebook's claim did not hold for the numbers it just computed."""
+
+
+def claim(holds: Any, statement: str, evidence: str = "") -> None:
+    """Demonstrate a claim of the prose: print it as checked, or raise if it does not hold.
+
+    Every claim a notebook makes is followed by a cell that computes the
+    numbers and calls ``claim``, so that running the notebook (CI runs them
+    in smoke mode) proves the lesson rather than only that the cells run.
+
+    Args:
+        holds: Whether the claim holds (a bool, or a one-element tensor or array).
+        statement: The claim, as one sentence of the prose.
+        evidence: The numbers that decide it, shown either way.
+
+    Raises:
+        ClaimFailed: when ``holds`` is false, naming the claim and the evidence.
+
+    Example:
+        >>> claim(0.9 > 0.5, "the guide beats the prior", "0.9 vs 0.5")
+        claim checked: the guide beats the prior (0.9 vs 0.5)
+    """
+    suffix = f" ({evidence})" if evidence else ""
+    if not bool(holds):
+        raise ClaimFailed(f"claim failed: {statement}{suffix}")
+    print(f"claim checked: {statement}{suffix}")
 
 
 # --- reporting ------------------------------------------------------------------

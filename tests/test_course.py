@@ -271,3 +271,14 @@ def test_a_missing_beta_is_not_blamed_on_epoch_counting(capsys):
     assert "beta" in line and "epochs count from 1" not in line
     _, line = verdict(course.check_kl_warmup, CHECKS["check_kl_warmup"][1][0], capsys)
     assert "epochs count from 1" in line
+
+
+def test_a_claim_that_holds_is_printed_and_one_that_fails_raises_naming_it(capsys):
+    course.claim(torch.tensor(True), "the guide beats the prior", "-23.1 vs -25.0")
+    assert capsys.readouterr().out.strip() == (
+        "claim checked: the guide beats the prior (-23.1 vs -25.0)"
+    )
+    with pytest.raises(course.ClaimFailed, match=r"claim failed: EM is at least as good \(a\)"):
+        course.claim(np.bool_(False), "EM is at least as good", "a")
+    with pytest.raises(AssertionError):  # a ClaimFailed is an AssertionError
+        course.claim(0, "zero is true")

@@ -95,8 +95,16 @@ def test_notebook_follows_the_course_format(path):
     assert "raise NotImplementedError" in nb.cells[-1].source, "the exercise is the last cell"
 
 
+def test_full_mode_turns_the_smoke_flag_off(monkeypatch):
+    monkeypatch.setenv(course.SMOKE_ENV, "1")
+    monkeypatch.setenv(course.FULL_ENV, "1")
+    runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))
+    assert not course.smoke()
+
+
 def test_notebook_conftest_turns_the_smoke_flag_on(monkeypatch):
     monkeypatch.setenv(course.SMOKE_ENV, "0")  # monkeypatch restores the environment after
+    monkeypatch.delenv(course.FULL_ENV, raising=False)
     assert not course.smoke()
     runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))
     assert os.environ[course.SMOKE_ENV] == "1"
