@@ -17,7 +17,7 @@ The modules form layers; each imports only from the layers below it
    ``export``: TorchScript files of a trained model;
 6. ``distributed``, ``train``, ``em``: the one trainer and its step strategies;
 7. ``ais``, ``evaluate``, ``diagnostics``: evaluation; ``plots``, ``report``,
-   ``course``: presentation;
+   ``course``, ``tensorboard``: presentation;
 8. ``cli``: the command line.
 
 Importing the package itself is cheap: the names below are loaded, with
@@ -65,6 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from .nets import Network
     from .priors import Prior
     from .registry import DATASETS, GUIDES, LIKELIHOODS, METHODS, NETWORKS, OBJECTIVES, PRIORS
+    from .tensorboard import TensorBoardCallback
     from .train import Callback, StepStrategy, Trainer, TrainResult, fit, load_data, resume
 
 #: Public name -> the module that defines it.
@@ -102,6 +103,7 @@ _EXPORTS: dict[str, str] = {
     "RunInUseError": "errors",
     "Refinement": "elbo",
     "StepStrategy": "train",
+    "TensorBoardCallback": "tensorboard",
     "TrainConfig": "config",
     "TrainResult": "train",
     "Trainer": "train",
@@ -174,6 +176,7 @@ __all__ = [
     "NonFiniteStartError",
     "PyroVAEError",
     "RunInUseError",
+    "TensorBoardCallback",
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",

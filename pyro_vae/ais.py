@@ -53,6 +53,7 @@ import pyro
 import torch
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch.distributions import Distribution
+from tqdm.auto import tqdm
 
 from .data import check_fits
 from .errors import ConfigError
@@ -74,6 +75,50 @@ PILOT_CHAINS = 4
 SIGMOID_RADIUS = 4.0
 
 _Parts = tuple[torch.Tensor, torch.Tensor]
+#: ``on_step(n)``: called after each annealing step with the ``n`` (chain, datum) pairs it moved.
+StepCallback = Callable[[int], None]
+
+
+def chain_steps(
+    num_data: int, steps: int, chains: int, *, pilot_chains: int = PILOT_CHAINS, tuned: bool = True
+) -> int:
+    """The work of :func:`ais_log_likelihood` in (chain, datum, annealing step) triples.
+
+    ``T B (C + P)`` with a pilot run of ``P`` chains (``tuned``), else ``T B C``:
+    the total its ``on_step`` callback receives, and the unit of its progress bar.
+
+    Args:
+        num_data: ``B``.
+        steps: ``T``.
+        chains: ``C``.
+        pilot_chains: ``P``.
+        tuned: Whether the step sizes are tuned by a pilot run (``adapt`` with
+            a number ``step_size`` and ``T > 1``).
+    """
+    return steps * num_data * (chains + (pilot_chains if tuned and steps > 1 else 0))
+
+
+@contextmanager
+def _progress(
+    progress: bool, total: int, on_step: StepCallback | None, desc: str
+) -> Iterator[StepCallback]:
+    """A callback that advances a tqdm bar on stderr (when ``progress``) and ``on_step``."""
+    with tqdm(
+        total=total,
+        disable=not progress,
+        desc=desc,
+        unit="chain-step",
+        unit_scale=True,
+        smoothing=0,  # the pilot's and main run's rates differ: the average over both
+        dynamic_ncols=True,
+    ) as bar:
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            if on_step is not None:
+                on_step(n)
+
+        yield advance
 
 
 def annealing_schedule(
@@ -168,6 +213,7 @@ def _anneal(
     hmc: _HMC,
     *,
     adapt: bool,
+    on_step: StepCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One AIS run along ``betas`` from ``z`` (``(C, B, D)``, distributed as ``f_{betas[0]}``).
 
@@ -181,7 +227,8 @@ def _anneal(
 
     ``step_size``: ``(T - 1, B)``, one per transition and datum; with
     ``adapt`` only its first row is read and the rest is adapted online from
-    the acceptances (the pilot run).
+    the acceptances (the pilot run). ``on_step(C * B)`` is called after each
+    of the ``T`` steps.
 
     Returns:
         ``(log_w (C, B) float64, z (C, B, D), accepted (T - 1, C, B) bool,
@@ -197,6 +244,8 @@ def _anneal(
     for t in range(1, steps + 1):
         log_w += (betas[t] - betas[t - 1]).item() * (log_joint - log_r).double()
         if t == steps:  # a last transition would move z, not the weights
+            if on_step is not None:
+                on_step(chains * batch)
             break
         beta = betas[t].item()
 
@@ -234,6 +283,8 @@ def _anneal(
         if adapt and t < steps - 1:
             up = accept.to(used.dtype).mean(0) > hmc.target_accept
             used[t] = used[t - 1] * torch.where(up, 1 + hmc.adapt_rate, 1 - hmc.adapt_rate)
+        if on_step is not None:
+            on_step(chains * batch)
     return log_w, z, accepted, used
 
 
@@ -319,11 +370,14 @@ def _run(
     start: str,
     schedule: str,
     tuned: bool,
+    on_step: StepCallback | None = None,
 ) -> AISResult:
     """The main AIS run from ``z0`` ``(C, B, D)`` with a fixed step-size schedule."""
     chains, batch = z0.shape[:2]
     steps = len(betas) - 1
-    log_w, z, accepted, used = _anneal(log_parts, z0, betas, step_sizes, hmc, adapt=False)
+    log_w, z, accepted, used = _anneal(
+        log_parts, z0, betas, step_sizes, hmc, adapt=False, on_step=on_step
+    )
     ess = effective_sample_size(log_w)
     stderr = log_likelihood_mc_stderr(ess, log_w.shape[0])
     rate = accepted.double().mean((0, 1)) if steps > 1 else torch.full_like(ess, math.nan)
@@ -362,6 +416,8 @@ def ais_log_likelihood(
     pilot_chains: int = PILOT_CHAINS,
     jitter: float = 0.2,
     index: torch.Tensor | None = None,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
 ) -> AISResult:
     """Per-datum :math:`\\log \\hat p(x)` by annealed importance sampling with HMC transitions.
 
@@ -438,6 +494,11 @@ def ais_log_likelihood(
         pilot_chains: Pilot chains per datum.
         jitter: Relative half-width of the random step-size factor (0: none).
         index: Positions of ``x`` in the training set, for non-amortized guides.
+        progress: Show a progress bar on stderr, in (chain, datum, step)
+            triples (:func:`chain_steps`), with the time left.
+        on_step: Called after each annealing step (pilot and main run) with
+            the number of (chain, datum) pairs it moved; the calls add up to
+            :func:`chain_steps`.
 
     Returns:
         An :class:`AISResult`.
@@ -462,11 +523,15 @@ def ais_log_likelihood(
         z0 = r.sample((chains,))
         step_sizes, given = _step_size_schedule(step_size, steps, len(x), z0)
         tuned = adapt and not given and steps > 1
-        if tuned:
-            pilot = r.sample((pilot_chains,))
-            step_sizes = _anneal(log_parts, pilot, betas, step_sizes, hmc, adapt=True)[3]
-        return _run(log_parts, z0, betas, step_sizes, hmc, start=start, schedule=schedule,
-                    tuned=tuned)  # fmt: skip
+        total = chain_steps(len(x), steps, chains, pilot_chains=pilot_chains, tuned=tuned)
+        with _progress(progress, total, on_step, "AIS") as advance:
+            if tuned:
+                pilot = r.sample((pilot_chains,))
+                step_sizes = _anneal(
+                    log_parts, pilot, betas, step_sizes, hmc, adapt=True, on_step=advance
+                )[3]
+            return _run(log_parts, z0, betas, step_sizes, hmc, start=start, schedule=schedule,
+                        tuned=tuned, on_step=advance)  # fmt: skip
 
 
 @dataclass
@@ -531,6 +596,7 @@ def bdmc(
     adapt_rate: float = 0.02,
     pilot_chains: int = PILOT_CHAINS,
     jitter: float = 0.2,
+    progress: bool = False,
 ) -> BDMCResult:
     """Sandwich :math:`\\log p(x)` of simulated data between forward and reverse AIS.
 
@@ -584,6 +650,8 @@ def bdmc(
         adapt_rate: As in :func:`ais_log_likelihood`.
         pilot_chains: As in :func:`ais_log_likelihood`.
         jitter: As in :func:`ais_log_likelihood`.
+        progress: Show one progress bar on stderr over both directions, with
+            the time left.
 
     Returns:
         A :class:`BDMCResult`.
@@ -602,18 +670,23 @@ def bdmc(
     with _no_validation():
         z_star = vae.prior().sample((num_data,))
         x = vae.likelihood(z_star).sample()
-    forward = ais_log_likelihood(
-        vae, x, steps=steps, chains=chains, start=start, schedule=schedule,
-        leapfrog_steps=leapfrog_steps, step_size=step_size, adapt=adapt,
-        target_accept=target_accept, adapt_rate=adapt_rate, pilot_chains=pilot_chains,
-        jitter=jitter,
-    )  # fmt: skip
-    betas = annealing_schedule(steps, schedule).flip(0)
-    with _no_validation():
-        r = proposal_distribution(vae, x, start, None)
-        z0 = z_star.expand(chains, *z_star.shape).clone()
-        reverse = _run(_log_parts_fn(vae, x, r, start), z0, betas, forward.step_sizes.flip(0),
-                       hmc, start=start, schedule=schedule, tuned=forward.tuned)  # fmt: skip
+    tuned = adapt and torch.as_tensor(step_size).dim() == 0  # as ais_log_likelihood
+    total = chain_steps(num_data, steps, chains, pilot_chains=pilot_chains, tuned=tuned)
+    total += chain_steps(num_data, steps, chains, tuned=False)  # the reverse run
+    with _progress(progress, total, None, "BDMC") as advance:
+        forward = ais_log_likelihood(
+            vae, x, steps=steps, chains=chains, start=start, schedule=schedule,
+            leapfrog_steps=leapfrog_steps, step_size=step_size, adapt=adapt,
+            target_accept=target_accept, adapt_rate=adapt_rate, pilot_chains=pilot_chains,
+            jitter=jitter, on_step=advance,
+        )  # fmt: skip
+        betas = annealing_schedule(steps, schedule).flip(0)
+        with _no_validation():
+            r = proposal_distribution(vae, x, start, None)
+            z0 = z_star.expand(chains, *z_star.shape).clone()
+            reverse = _run(_log_parts_fn(vae, x, r, start), z0, betas,
+                           forward.step_sizes.flip(0), hmc, start=start, schedule=schedule,
+                           tuned=forward.tuned, on_step=advance)  # fmt: skip
     upper = -reverse.log_likelihood
     return BDMCResult(
         lower=forward.log_likelihood,

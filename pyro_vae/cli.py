@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,8 +33,37 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help where X says something.
+
+    Like :class:`argparse.ArgumentDefaultsHelpFormatter`, but quiet where the
+    default is ``None``, ``False`` or empty (a flag left out, or a value
+    decided later): the help text of such an option says itself what
+    happens without it, in words containing "default" (``(default: the
+    run's ...)``) or, for an on/off flag, by saying what turning it on does.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        default = action.default
+        if (
+            "default" in help_text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return action.help
+        return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (no usage dump), exit code 2."""
+    """An ``ArgumentParser`` with :class:`_HelpFormatter`, whose errors are one line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print ``prog: error: message`` and exit 2."""
@@ -63,8 +94,14 @@ _RESUMABLE = {"epochs", "device"}
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.toml", help="run config (TOML); flags override it")
-    p.add_argument("--dataset", help="dataset name or npz:PATH (see `pyro-vae list`)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="run config (TOML); flags override it (default: none, the built-in defaults)",
+    )
+    p.add_argument(
+        "--dataset", help="dataset name, npz:PATH or folder:PATH of images (see `pyro-vae list`)"
+    )
     p.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -97,11 +134,69 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set model.likelihood.scale=0.1 (with --resume: "
-        "train.KEY for the schedule, selection and clipping keys)",
+        "train.KEY for the schedule, selection and clipping keys); repeatable (default: none)",
     )
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/DATASET-TIME)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/DATASET-TIME)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR (default: start a new run)"
+    )
+    p.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write TensorBoard event files to DIR (default: RUN/tensorboard): the loss and "
+        "gradient norm of every step, the ELBO terms and learning rate of every epoch, and "
+        "image grids every train.image_every epochs; needs the tensorboard extra",
+    )
+    _say_config_defaults(p)
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    talk.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print debug messages (resume position, checkpoints and snapshots written)",
+    )
+
+
+def _say_config_defaults(p: argparse.ArgumentParser) -> None:
+    """Append "(default: V, else the --config file's)" to the help of every config flag.
+
+    The flags have no argparse default (an unset flag leaves the config's value),
+    so the help states the value of :class:`~pyro_vae.config.Config` (torch-free).
+    """
+    from .config import Config
+
+    defaults = Config()
+    for action in p._actions:
+        key = _TRAIN_FLAGS.get(action.dest)
+        if key is None or "default" in (action.help or ""):
+            continue
+        value: Any = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        text = f"default: {value}, or the --config file's"
+        action.help = f"{action.help} ({text})" if action.help else text
+
+
+#: The train command's own messages (the trainer's go to ``pyro_vae.train``).
+_log = logging.getLogger(__name__)
+
+
+def _tensorboard_dir(args: argparse.Namespace, out: Path) -> Path:
+    """The folder of ``--tensorboard [DIR]``: DIR, else ``out/tensorboard``."""
+    from .tensorboard import TENSORBOARD_DIR
+
+    return Path(args.tensorboard) if args.tensorboard else out / TENSORBOARD_DIR
+
+
+def _tensorboard(args: argparse.Namespace, out: Path) -> list[Any]:
+    """The callbacks of ``--tensorboard``: a :class:`TensorBoardCallback`, or none."""
+    if args.tensorboard is None:
+        return []
+    from .tensorboard import TensorBoardCallback
+
+    return [TensorBoardCallback(_tensorboard_dir(args, out))]
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -109,8 +204,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from .data import DATA_ENV
     from .train import fit, resume
 
+    if args.tensorboard is not None:  # a missing extra: one line, before any work
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard()
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    progress, log = (False, None) if args.quiet else (True, print)
+    progress = not args.quiet  # messages: the pyro_vae logger, printed by main's handler
     if args.resume:
         from .train import RESUMABLE_KEYS
 
@@ -138,7 +237,7 @@ def _run_train(args: argparse.Namespace) -> int:
             device=args.device,
             changes=changes,
             progress=progress,
-            log=log,
+            callbacks=_tensorboard(args, Path(args.resume)),
         )
         out = Path(args.resume)
         if result.epochs_run <= 0:
@@ -182,28 +281,36 @@ def _run_train(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"--method {config.train.method} runs in one process; omit torchrun"
                 )
-            em = fit_em(config, out, progress=progress, log=log)
-            if not args.quiet:
-                print(em.summary())
+            if args.tensorboard is not None:
+                raise ConfigError(
+                    f"--tensorboard does not apply to --method {config.train.method} (it trains "
+                    "two models side by side); use --method svi, or resume the run with it"
+                )
+            em = fit_em(config, out, progress=progress)
+            _log.info(em.summary())
             print(f"run saved in {out} (amortized comparison in {out / 'amortized'})")
             return 0
-        result = fit(config, out, progress=progress, log=log)
+        result = fit(config, out, progress=progress, callbacks=_tensorboard(args, out))
     from .distributed import is_main
 
     if not is_main():  # [distributed] under torchrun, rank 0 prints the summary
         return 0
     tested = [r for r in result.history if "test_elbo" in r]
-    if tested and not args.quiet:
+    if tested:
         first, last = tested[0], tested[-1]
-        print(
+        _log.info(
             f"test ELBO {first['test_elbo']:.2f} (epoch {first['epoch']}) -> "
             f"{last['test_elbo']:.2f} (epoch {last['epoch']}) nats per datum"
         )
-    if result.best is not None and not args.quiet:
-        print(
+    if result.best is not None:
+        _log.info(
             f"best validation ELBO {result.best['valid_elbo']:.2f} at epoch "
             f"{result.best['epoch']} (weights in {out / 'best.pt'})"
         )
+    if args.tensorboard is not None:
+        log_dir = _tensorboard_dir(args, out)
+        _log.info(f"TensorBoard event files in {log_dir}: tensorboard --logdir {log_dir}")
+    # the command's result: printed even with --quiet
     print(f"run saved in {out}; load it with pyro_vae.load({str(out)!r})")
     return 0
 
@@ -226,30 +333,37 @@ def _parse_ks(text: str) -> list[int]:
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-vae evaluate``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
-    p.add_argument("--split", default="test", help="test, valid or train (default test)")
+    p.add_argument("--split", default="test", help="test, valid or train")
     p.add_argument(
-        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
+        "--num-samples",
+        type=int,
+        metavar="K",
+        help="importance samples per datum (default: the run's eval.num_samples, 5000 unless "
+        "configured)",
     )
     p.add_argument(
-        "--iwae-k", metavar="K1,K2,...", help="IWAE bounds to report (default 1,10,100,1000,5000)"
+        "--iwae-k",
+        metavar="K1,K2,...",
+        help="IWAE bounds to report (default: the run's eval.iwae_k up to K, 1,10,100,1000,5000 "
+        "unless configured)",
     )
     p.add_argument(
         "--proposal",
         choices=("guide", "prior"),
         default="guide",
-        help="importance sampling proposal, or AIS start distribution (default guide)",
+        help="importance sampling proposal, or AIS start distribution",
     )
     p.add_argument(
         "--estimator",
         choices=("is", "ais"),
         default="is",
-        help="is: importance sampling (default); ais: annealed importance sampling with HMC",
+        help="is: importance sampling; ais: annealed importance sampling with HMC",
     )
     p.add_argument(
         "--checkpoint",
         choices=("last", "best"),
         default="last",
-        help="last: checkpoint.pt (default); best: best.pt, the best validation ELBO",
+        help="last: checkpoint.pt; best: best.pt, the best validation ELBO",
     )
     p.add_argument("--ais-steps", type=_positive_int, default=500, metavar="T", help="AIS steps")
     p.add_argument("--chains", type=_positive_int, default=16, metavar="C", help="AIS chains")
@@ -258,24 +372,44 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="instead: simulate N data from the model and sandwich their log p(x) between "
-        "forward and reverse AIS (bidirectional Monte Carlo); writes RUN_DIR/bdmc.json",
+        "forward and reverse AIS (bidirectional Monte Carlo); writes RUN_DIR/bdmc.json "
+        "(default: off, evaluate the split)",
     )
     p.add_argument(
         "--gaps", action="store_true", help="approximation and amortization gaps (slower)"
     )
-    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
-    p.add_argument("--batch-size", type=int, metavar="B", help="data per batch (default 100)")
     p.add_argument(
-        "--chunk-size", type=int, metavar="S", help="samples per decoder call (default 4096)"
+        "--max-data",
+        type=int,
+        metavar="N",
+        help="the first N data of the split (default: all of them)",
     )
-    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="data per batch (default: the run's eval.batch_size, 100 unless configured)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="S",
+        help="samples per decoder call (default: the run's eval.chunk_size, 4096 unless "
+        "configured)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the importance samples (default: the run's eval.seed, 0 unless "
+        "configured; 0 with --bdmc)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--max-hours",
         type=float,
         default=24.0,
         metavar="H",
-        help="refuse, before sampling, an evaluation estimated to take longer (default 24)",
+        help="refuse, before sampling, an evaluation estimated to take longer",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
@@ -315,6 +449,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         s = bdmc_run(
             args.run_dir, args.bdmc, steps=args.ais_steps, chains=args.chains,
             num_samples=args.num_samples, seed=args.seed or 0, device=args.device,
+            progress=not args.quiet,
         )  # fmt: skip
         if not args.quiet:
             print(format_bdmc(s))
@@ -351,18 +486,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-vae compare``."""
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
-    p.add_argument("--split", default="test", help="test, valid or train (default test)")
+    p.add_argument("--split", default="test", help="test, valid or train")
     p.add_argument(
-        "--num-samples", type=int, metavar="K", help="importance samples per datum (default 5000)"
+        "--num-samples",
+        type=int,
+        metavar="K",
+        help="importance samples per datum (default: each run's eval.num_samples, 5000 unless "
+        "configured)",
     )
-    p.add_argument("--max-data", type=int, metavar="N", help="the first N data of the split")
-    p.add_argument("--seed", type=int, help="seed of the importance samples (default 0)")
+    p.add_argument(
+        "--max-data",
+        type=int,
+        metavar="N",
+        help="the first N data of the split (default: all of them)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the importance samples (default: each run's eval.seed, 0 unless configured)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--max-hours", type=float, default=24.0, metavar="H",
-        help="refuse, before sampling, an evaluation estimated to take longer (default 24)",
+        help="refuse, before sampling, an evaluation of a run estimated to take longer",
     )  # fmt: skip
-    p.add_argument("--out", default=".", metavar="DIR", help="where comparison.json goes (.)")
+    p.add_argument("--out", default=".", metavar="DIR", help="where comparison.json goes")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
 
@@ -407,11 +555,12 @@ def _positive_int(text: str) -> int:
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-vae report``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
-    p.add_argument("--out", metavar="FILE.html", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("--out", metavar="FILE.html", help="output file (default: RUN_DIR/report.html)")
     p.add_argument(
         "--compare",
         metavar="OTHER_RUN",
-        help="another run on the same data to draw beside this one (e.g. an autoencoder)",
+        help="another run on the same data to draw beside this one, e.g. an autoencoder "
+        "(default: none, this run alone)",
     )
     p.add_argument("--split", help="data split for the figures (default: the evaluated one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and data shown")
@@ -432,8 +581,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-vae sample``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
     p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of samples")
-    p.add_argument("--out", metavar="FILE.png", help="output PNG (default RUN_DIR/samples.png)")
-    p.add_argument("--nrow", type=_positive_int, help="images per row (default about sqrt(n))")
+    p.add_argument("--out", metavar="FILE.png", help="output PNG (default: RUN_DIR/samples.png)")
+    p.add_argument("--nrow", type=_positive_int, help="images per row (default: about sqrt(n))")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     p.add_argument(
         "--scale",
@@ -457,12 +606,25 @@ def run_sample(args: argparse.Namespace) -> int:
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-vae export``."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (from pyro-vae train)")
-    p.add_argument("--format", default="torchscript", choices=("torchscript",))
-    p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/export)")
+    p.add_argument(
+        "--format",
+        default="torchscript",
+        choices=("torchscript", "onnx"),
+        help="torchscript: encoder.pt and decoder.pt for torch.jit.load; onnx: encoder.onnx and "
+        'decoder.onnx for any ONNX runtime (needs the onnx extra: pip install -e ".[onnx]")',
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/export)")
+
+
+#: How each export format's files are loaded (``pyro-vae export`` says so).
+_LOADERS = {"torchscript": "torch.jit.load", "onnx": "onnxruntime.InferenceSession"}
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Write the encoder mean and the decoder as standalone TorchScript files."""
+    """Write the encoder mean and the decoder as standalone TorchScript or ONNX files."""
+    from .export import check_format
+
+    check_format(args.format)  # missing packages: refused before the run is read
     from .checkpoint import load
     from .export import export
 
@@ -470,7 +632,7 @@ def run_export(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     paths = export(load(args.run_dir), out, args.format)
-    print(f"wrote {' and '.join(map(str, paths))}; load them with torch.jit.load alone")
+    print(f"wrote {' and '.join(map(str, paths))}; load them with {_LOADERS[args.format]} alone")
     return 0
 
 
@@ -525,7 +687,7 @@ COMMANDS: dict[
     "report": ("write RUN_DIR/report.html (figures, metrics)", add_report_arguments, run_report),
     "sample": ("decode prior samples of a run into a PNG grid", add_sample_arguments, run_sample),
     "export": (
-        "write the encoder mean and the decoder as TorchScript files (no pyro_vae needed)",
+        "write the encoder mean and the decoder as TorchScript or ONNX files (no pyro_vae needed)",
         add_export_arguments,
         run_export,
     ),
@@ -548,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="MODULE",
             help="import MODULE first (it registers your own components); repeatable. "
-            "A run records its plugins: later commands on it import them by themselves",
+            "A run records its plugins: later commands on it import them by themselves "
+            "(default: none besides those)",
         )
         p.set_defaults(run=run)
     return parser
@@ -567,6 +730,49 @@ def _note(command: str, message: Warning | str, category: type[Warning], *rest: 
 _show_warning = warnings.showwarning
 
 
+class _ConsoleHandler(logging.Handler):
+    """pyro-vae's log records on a terminal: warnings to stderr, others to stdout, under any bar."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record's message as one line (``tqdm.write``: progress bars stay intact)."""
+        try:
+            from tqdm.auto import tqdm
+
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                kind = record.levelname.lower()
+                tqdm.write(f"pyro-vae {self.command}: {kind}: {message}", file=sys.stderr)
+            else:
+                tqdm.write(message, file=sys.stdout)
+        except Exception:  # a closed stream: as logging does
+            self.handleError(record)
+
+
+@contextmanager
+def _console_logging(args: argparse.Namespace) -> Iterator[None]:
+    """Print the ``pyro_vae`` loggers' messages while a command runs; leave logging as it was.
+
+    ``--quiet``: warnings only; ``--verbose``: debug messages too.
+    """
+    package = logging.getLogger("pyro_vae")
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    else:
+        level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    handler, previous = _ConsoleHandler(args.command), package.level
+    package.addHandler(handler)
+    package.setLevel(level)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 130 when interrupted)."""
     args = build_parser().parse_args(argv)  # --help and --version: no torch loaded
@@ -574,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .plugins import import_plugins
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _console_logging(args):
             warnings.showwarning = partial(_note, args.command)
             import_plugins(args.plugin)
             return args.run(args)

@@ -103,6 +103,39 @@ class _Section:
 
 #: ``data.name`` of a user's array file: ``npz:PATH``.
 NPZ_PREFIX = "npz:"
+#: ``data.name`` of a user's folder of PNG or JPEG images: ``folder:PATH``.
+FOLDER_PREFIX = "folder:"
+#: The values of ``data.channels``: grayscale or RGB.
+IMAGE_CHANNELS = (1, 3)
+
+
+def image_size_pair(image_size: int | list[int] | tuple[int, ...] | None) -> tuple[int, int] | None:
+    """``data.image_size`` as ``(height, width)``: ``S`` means ``(S, S)``; ``None`` stays ``None``.
+
+    Raises:
+        ConfigError: unless it is an int >= 1 or a list ``[height, width]`` of ints >= 1.
+    """
+    if image_size is None:
+        return None
+    pair = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
+        pair = (0, 0)
+    if min(pair) < 1:
+        given = list(image_size) if isinstance(image_size, tuple) else image_size
+        raise ConfigError(
+            f"data.image_size must be a size >= 1 (e.g. 32) or [height, width] of sizes >= 1 "
+            f"(e.g. [32, 48]), got {given!r}"
+        )
+    return pair
+
+
+def check_image_channels(channels: int | None) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``data.channels`` is ``None``, 1 or 3."""
+    if channels is not None and channels not in IMAGE_CHANNELS:
+        raise ConfigError(
+            f"data.channels must be 1 (grayscale) or 3 (RGB), or unset to follow the images, "
+            f"got {channels!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -111,7 +144,7 @@ class DataConfig(_Section):
 
     Args:
         name: A registered dataset (``digits``, ``binarized-mnist``, ``mnist``,
-            ``fashion-mnist``) or ``npz:PATH``.
+            ``fashion-mnist``), ``npz:PATH`` or ``folder:PATH`` (a folder of images).
         data_dir: Folder with local files; default ``$PYRO_VAE_DATA`` or a cache.
         binarize: ``dynamic`` (a fresh Bernoulli draw of the pixels at every
             batch), ``static`` (one fixed draw), ``none``, or ``auto``
@@ -120,6 +153,10 @@ class DataConfig(_Section):
         binarize_seed: Seed of the fixed draw used for static binarization and
             for the evaluation splits, so test numbers compare across runs.
         download: Whether a missing dataset may be downloaded.
+        image_size: ``folder:PATH`` only: the size every image is scaled to, ``S``
+            (S x S) or ``[height, width]``; unset, the images' own size (all alike).
+        channels: ``folder:PATH`` only: 1 (grayscale) or 3 (RGB); unset, 1 when
+            every image is grayscale, else 3.
     """
 
     name: str = "digits"
@@ -127,6 +164,8 @@ class DataConfig(_Section):
     binarize: str = "auto"
     binarize_seed: int = 0
     download: bool = True
+    image_size: int | tuple[int, ...] | None = None
+    channels: int | None = None
     _section = "data"
 
     def _check(self) -> None:
@@ -134,9 +173,19 @@ class DataConfig(_Section):
             raise ConfigError(
                 f"data.binarize: unknown mode {self.binarize!r}; valid: {', '.join(BINARIZE_MODES)}"
             )
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        image_size_pair(self.image_size)
+        check_image_channels(self.channels)
+        for key in ("image_size", "channels"):
+            if getattr(self, key) is not None and not self.name.startswith(FOLDER_PREFIX):
+                raise ConfigError(
+                    f"data.{key} applies only to folder:PATH datasets, not {self.name!r}; "
+                    f"unset it (other datasets keep their own image size)"
+                )
 
     def absolute(self, base: str | os.PathLike[str]) -> DataConfig:
-        """A copy with an absolute ``data_dir`` and ``npz:`` path (relative ones from ``base``).
+        """A copy with absolute ``data_dir``, ``npz:`` and ``folder:`` paths (from ``base``).
 
         ``~`` is expanded. A run records its paths this way, so it works from any folder.
         """
@@ -145,8 +194,9 @@ class DataConfig(_Section):
             return os.path.normpath(Path(base, Path(path).expanduser()).absolute())
 
         name = self.name
-        if name.startswith(NPZ_PREFIX):
-            name = NPZ_PREFIX + absolute_path(name.removeprefix(NPZ_PREFIX))
+        for prefix in (NPZ_PREFIX, FOLDER_PREFIX):
+            if name.startswith(prefix):
+                name = prefix + absolute_path(name.removeprefix(prefix))
         data_dir = absolute_path(self.data_dir) if self.data_dir else self.data_dir
         return dataclasses.replace(self, name=name, data_dir=data_dir)
 
@@ -209,6 +259,10 @@ class TrainConfig(_Section):
         lr_min: The smallest learning rate a schedule reaches.
         clip_norm: Clip the gradient's global 2-norm to this value before each
             step (``torch.nn.utils.clip_grad_norm_``); 0 means no clipping.
+        image_every: Every this many epochs, and at the last epoch, keep a
+            snapshot of decoded prior samples (the same noise each time) in the
+            run directory, for the report's "samples over training", and draw
+            image grids to TensorBoard (``--tensorboard``); 0 means never.
 
     The run keeps ``best.pt``, the checkpoint with the highest validation ELBO
     so far, whenever the data have a ``valid`` split.
@@ -234,6 +288,7 @@ class TrainConfig(_Section):
     lr_patience: int = 10
     lr_min: float = 0.0
     clip_norm: float = 0.0
+    image_every: int = 0
     _section = "train"
 
     def _check(self) -> None:
@@ -245,7 +300,7 @@ class TrainConfig(_Section):
                 raise ConfigError(f"train.{key} must be finite and > 0, got {getattr(self, key)}")
         for key in (
             "beta", "kl_warmup_epochs", "free_bits", "early_stopping_patience", "lr_patience",
-            "lr_min", "clip_norm",
+            "lr_min", "clip_norm", "image_every",
         ):  # fmt: skip
             if not 0 <= getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")
@@ -385,7 +440,7 @@ class Config:
         Args:
             path: The file.
             relative_to_file: Read relative paths in it (``data.data_dir``, an
-                ``npz:`` dataset) relative to the file's folder, as whoever wrote
+                ``npz:`` or ``folder:`` dataset) relative to the file's folder, as whoever wrote
                 the file meant them. Off for the ``config.toml`` of a run
                 directory, whose paths are absolute (0.1/0.2 runs: relative to
                 the folder the run was trained from).

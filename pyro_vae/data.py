@@ -14,6 +14,11 @@ Every dataset is returned as float32 tensors of shape ``(N, *event_shape)``:
 * ``npz:PATH`` -- a user array file with key ``train`` and optional ``valid``
   and ``test``, each of shape ``(N, ...)``; without ``test``, a fixed 10% of
   ``train`` is held out as the test split.
+* ``folder:PATH`` -- a user folder of PNG or JPEG images, flat or one
+  subfolder per class (labels from the folder names, as torchvision's
+  ``ImageFolder``), scaled to [0, 1] as ``(H, W)`` (grayscale) or
+  ``(3, H, W)`` (RGB) tensors; a fixed 10% is the validation and another 10%
+  the test split (see :func:`load_folder`).
 
 The data folder is ``--data-dir``, else ``$PYRO_VAE_DATA``, else
 ``~/.cache/pyro-vae``.
@@ -24,11 +29,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import socket
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +43,8 @@ import numpy as np
 import torch
 from torch.distributions import constraints
 
-from .config import NPZ_PREFIX
-from .errors import DataError
+from .config import FOLDER_PREFIX, NPZ_PREFIX, check_image_channels, image_size_pair
+from .errors import ConfigError, DataError
 from .files import removing_new_folders
 from .registry import DATASETS
 
@@ -49,7 +55,10 @@ BINARIZED_MNIST_URL = (
     "binarized_mnist_{split}.amat"
 )
 SPLIT_ORDER = ("train", "valid", "test")
-#: The prefix of a user's array file as a dataset name, ``npz:PATH``.
+#: The file name endings (any case) that a ``folder:PATH`` dataset reads as images.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: The share of a ``folder:PATH`` dataset held out as each of ``valid`` and ``test``.
+FOLDER_HOLDOUT = 0.1
 #: ``data.name`` of a run that :func:`pyro_vae.fit` trained on in-memory tensors.
 IN_MEMORY = "tensor"
 
@@ -88,12 +97,25 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    image_size: int | list[int] | tuple[int, ...] | None = None,
+    channels: int | None = None,
 ) -> Dataset:
     """Load a dataset by name (see the module docstring) and check it is finite.
 
+    Args:
+        name: A registered name, ``npz:PATH`` or ``folder:PATH``.
+        data_dir: The data folder of the registered datasets.
+        download: Whether a missing registered dataset may be downloaded.
+        image_size: ``folder:PATH`` only: ``data.image_size`` (see :func:`load_folder`).
+        channels: ``folder:PATH`` only: ``data.channels``, 1 or 3.
+
     Raises:
-        ConfigError: for an unknown name (the message lists the valid ones).
+        ConfigError: for an unknown name (the message lists the valid ones), or
+            an image size or channel count that is invalid or given for a dataset
+            that is not a folder.
         DataError: when files are missing and cannot be downloaded, unreadable,
             or hold NaN or infinite values.
     """
@@ -103,8 +125,15 @@ def load_dataset(
             "this run was trained on in-memory data (pyro_vae.fit(vae, data)), which is not "
             "on disk; evaluate it from Python with the same tensors"
         )
+    if not name.startswith(FOLDER_PREFIX) and (image_size is not None or channels is not None):
+        raise ConfigError(
+            f"data.image_size and data.channels apply only to folder:PATH datasets, not {name!r}"
+        )
     if name.startswith(NPZ_PREFIX):
         dataset = load_npz(Path(name.removeprefix(NPZ_PREFIX)).expanduser())
+    elif name.startswith(FOLDER_PREFIX):
+        path = Path(name.removeprefix(FOLDER_PREFIX)).expanduser()
+        dataset = load_folder(path, image_size, channels)
     else:
         dataset = DATASETS.get(name)(data_dir=folder, download=download)
     for split, x in dataset.splits.items():
@@ -117,20 +146,23 @@ def load_dataset(
 def check_dataset_name(name: str) -> None:
     """Raise a one-line :class:`ConfigError` unless ``name`` can name a dataset.
 
-    Registered names, ``npz:PATH`` and the in-memory data of ``fit(vae, data)``.
+    Registered names, ``npz:PATH``, ``folder:PATH`` and the in-memory data of
+    ``fit(vae, data)``.
     """
-    if not (name.startswith(NPZ_PREFIX) or name == IN_MEMORY):
+    if not (name.startswith((NPZ_PREFIX, FOLDER_PREFIX)) or name == IN_MEMORY):
         DATASETS.get(name)
 
 
 def dataset_slug(name: str) -> str:
     """A file-name-safe form of a dataset name (``npz:data/x.npz`` -> ``data_x.npz``)."""
-    return name.removeprefix(NPZ_PREFIX).replace("/", "_")
+    for prefix in (NPZ_PREFIX, FOLDER_PREFIX):
+        name = name.removeprefix(prefix)
+    return name.rstrip("/").replace("/", "_")
 
 
 def dataset_names() -> list[str]:
-    """Every dataset name, ``npz:PATH`` included."""
-    return [*DATASETS.names(), f"{NPZ_PREFIX}PATH"]
+    """Every dataset name, ``npz:PATH`` and ``folder:PATH`` included."""
+    return [*DATASETS.names(), f"{NPZ_PREFIX}PATH", f"{FOLDER_PREFIX}PATH"]
 
 
 @DATASETS.register("digits")
@@ -378,6 +410,200 @@ def load_npz(path: Path) -> Dataset:
         splits["test"] = splits["train"][order[:held]]
         splits["train"] = splits["train"][order[held:]]
     return Dataset(f"npz:{path}", splits)
+
+
+# --- a folder of images -------------------------------------------------------------
+
+
+def load_folder(
+    path: Path,
+    image_size: int | list[int] | tuple[int, ...] | None = None,
+    channels: int | None = None,
+) -> Dataset:
+    """A user folder of PNG or JPEG images, read through ``torchvision.io.decode_image``.
+
+    The layout is that of torchvision's ``ImageFolder``: either every image
+    directly in ``path`` (no labels), or one subfolder per class, whose images
+    (at any depth inside it) get the label of the folder's position among the
+    sorted class folder names. Hidden files and folders are skipped. Pixels are
+    scaled to [0, 1]; a datum is ``(H, W)`` for grayscale and ``(3, H, W)``
+    (channels first, as torchvision) for RGB; an alpha channel is dropped.
+
+    The split is fixed: the sorted relative file paths, permuted with seed 0;
+    the first 10% (at least one image) are ``test``, the next 10% (at least
+    one) ``valid``, the rest ``train``.
+
+    Args:
+        path: The folder.
+        image_size: ``S`` (S x S) or ``(H, W)``: each image is scaled (keeping
+            its aspect ratio, antialiased) to cover that size and centre-cropped
+            to it. ``None``: the images' own size, which must be the same for all.
+        channels: 1 (grayscale) or 3 (RGB); ``None``: 1 when every image is
+            grayscale (its decoded R, G and B are equal), else 3.
+
+    Returns:
+        A :class:`Dataset` named ``folder:PATH`` with float32 splits
+        ``(N, H, W)`` or ``(N, 3, H, W)``, and int64 labels for class folders.
+
+    Raises:
+        ConfigError: ``image_size`` or ``channels`` invalid.
+        DataError: no such folder, no images, fewer than 3 images, an image
+            that cannot be decoded, or sizes that differ without ``image_size``.
+    """
+    size = image_size_pair(image_size)
+    check_image_channels(channels)
+    where = f"{FOLDER_PREFIX}{path}"
+    files, labels = list_image_files(path)
+    if len(files) < 3:
+        raise DataError(
+            f"{where} has {len(files)} image(s); it needs at least 3 (for the train, valid "
+            "and test splits)"
+        )
+    gray = channels != 3
+    images = []
+    for f in files:  # scaled one by one: large photos are never all in memory at full size
+        image = _read_image(path, f, channels)
+        gray = gray and _is_gray(image)
+        images.append(_fit_size(image, size))
+    if size is None:
+        _check_same_size(images, files, where)
+    x = torch.stack(images)
+    if gray:
+        x = x[:, 0]  # grayscale: (N, H, W), as the package's other grayscale datasets
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+    return _split_held_out(where, x, y)
+
+
+def list_image_files(path: Path) -> tuple[list[Path], list[int] | None]:
+    """The image files of a ``folder:PATH`` dataset, sorted, and their class labels.
+
+    Returns:
+        ``(files, labels)``: paths relative to ``path``, sorted; ``labels[i]``
+        the index of ``files[i]``'s class folder among the sorted class names,
+        or ``labels = None`` for a flat folder.
+
+    Raises:
+        DataError: no such folder, no images, images both at the top and in
+            subfolders, or a class folder without images.
+    """
+    where = f"{FOLDER_PREFIX}{path}"
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(
+            f"{where}: {path} {problem}; give a folder of PNG or JPEG images (flat, or one "
+            "subfolder per class)"
+        )
+    top = sorted(p.relative_to(path) for p in path.iterdir() if _is_image(p))
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    nested = {
+        d.name: sorted(
+            p.relative_to(path)
+            for p in d.rglob("*")
+            if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(d).parts)
+        )
+        for d in folders
+    }
+    suffixes = ", ".join(IMAGE_SUFFIXES)
+    if top and any(nested.values()):
+        raise DataError(
+            f"{where} has images both at its top level and in subfolders; use one layout: "
+            "all images in the folder, or one subfolder of images per class"
+        )
+    if top:
+        return top, None
+    empty = [name for name, files in nested.items() if not files]
+    if not nested or len(empty) == len(nested):
+        raise DataError(
+            f"{where} holds no images ({suffixes}); put them in the folder, or in one "
+            "subfolder per class"
+        )
+    if empty:
+        raise DataError(
+            f"{where}: class folder {empty[0]!r} holds no images ({suffixes}); every "
+            "subfolder is a class and needs images (remove it, or hide it with a leading '.')"
+        )
+    pairs = [(f, label) for label, files in enumerate(nested.values()) for f in files]
+    return [f for f, _ in pairs], [label for _, label in pairs]
+
+
+def _is_image(path: Path) -> bool:
+    """A visible file whose name ends in one of :data:`IMAGE_SUFFIXES` (any case)."""
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def _read_image(root: Path, file: Path, channels: int | None) -> torch.Tensor:
+    """Decode ``root / file`` to float32 ``(C, h, w)`` in [0, 1], C = ``channels`` (``None``: 3).
+
+    Raises:
+        DataError: the file cannot be read or decoded (one line, naming ``file``).
+    """
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    try:
+        image = decode_image(str(root / file), mode=mode, apply_exif_orientation=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(
+            f"{FOLDER_PREFIX}{root}: cannot decode {file} ({_first_sentence(e)}); images must be "
+            "PNG or JPEG files"
+        ) from None
+    return to_dtype(image, torch.float32, scale=True)
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of a torchvision error, without its C++ source location prefix."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^.*?\.cpp:\d+, ", "", text)  # "decode_png, .../x.cpp:79, message"
+    return text.split(". ")[0].rstrip(".")
+
+
+def _check_same_size(images: Sequence[torch.Tensor], files: Sequence[Path], where: str) -> None:
+    """Raise a one-line :class:`DataError` unless every image ``(C, h, w)`` has the same h, w."""
+    first = images[0].shape[-2:]
+    for image, file in zip(images, files, strict=True):
+        if image.shape[-2:] != first:
+            raise DataError(
+                f"{where}: images differ in size ({files[0]} is {first[0]}x{first[1]}, {file} "
+                f"is {image.shape[-2]}x{image.shape[-1]}); set data.image_size to scale them "
+                "all, e.g. --set data.image_size=32 or --set data.image_size=[32,48]"
+            )
+
+
+def _fit_size(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Scale ``(C, h, w)`` to cover ``size = (H, W)`` (aspect ratio kept), centre-crop to it."""
+    if size is None or tuple(image.shape[-2:]) == size:
+        return image
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    (height, width), (h, w) = size, image.shape[-2:]
+    scale = max(height / h, width / w)
+    covering = [max(height, round(h * scale)), max(width, round(w * scale))]
+    scaled = resize(image, covering, antialias=True).clamp(0.0, 1.0)
+    return center_crop(scaled, [height, width])
+
+
+def _is_gray(image: torch.Tensor) -> bool:
+    """Whether an image ``(C, h, w)`` is grayscale: one channel, or R = G = B."""
+    return bool((image[:1] == image[1:]).all())
+
+
+def _split_held_out(name: str, x: torch.Tensor, labels: torch.Tensor | None) -> Dataset:
+    """The fixed split of a ``folder:PATH`` dataset: seed-0 permutation, test, valid, train.
+
+    Args:
+        name: The dataset's name.
+        x: All data ``(N, *event_shape)`` in sorted file order, ``N >= 3``.
+        labels: ``(N,)`` or ``None``.
+    """
+    order = torch.as_tensor(np.random.RandomState(0).permutation(len(x)))
+    held = max(1, int(len(x) * FOLDER_HOLDOUT))
+    parts = {"train": order[2 * held :], "valid": order[held : 2 * held], "test": order[:held]}
+    splits = {s: x[i] for s, i in parts.items()}
+    split_labels = {} if labels is None else {s: labels[i] for s, i in parts.items()}
+    return Dataset(name, splits, split_labels)
 
 
 # --- binarization and checks ---------------------------------------------------

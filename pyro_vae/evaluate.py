@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +77,9 @@ from .weights import PROPOSALS, Proposal, proposal_distribution
 from .weights import effective_sample_size as effective_sample_size  # re-exported
 from .weights import log_likelihood_mc_stderr as log_likelihood_mc_stderr
 from .weights import log_mean_exp as log_mean_exp
+
+#: Where the time estimates of long evaluations go (INFO; no handler here: the CLI adds one).
+logger = logging.getLogger(__name__)
 
 #: :math:`\\hat k` above which an importance sampling estimate is unreliable.
 KHAT_THRESHOLD = 0.7
@@ -578,7 +581,9 @@ def evaluate(
         seed: Seed of every draw (the result is reproducible given the seed,
             batch size and chunk size).
         split: Name recorded in the summary.
-        progress: Show a progress bar.
+        progress: Show a progress bar on stderr, in importance weights, with the
+            time left (the refinement of :math:`q^*` for the gaps counts in it
+            through the average rate, so the estimate settles after a batch).
         refine_options: Keyword options of :func:`refine_posterior`.
         max_seconds: Refuse, before sampling, a request estimated
             (:func:`estimate_seconds`) to take longer; ``None``: no limit.
@@ -623,13 +628,14 @@ def evaluate(
             f"the limit is {format_duration(max_seconds)}: valid K up to {k_max} for "
             f"{len(x)} data, or fewer data"
         )
-    if progress and seconds > 10:
-        print(
-            f"evaluating {len(x)} data with K = {num_samples}"
-            + (" and the gaps" if gaps else "")
-            + f": about {format_duration(seconds)}"
-            + (" plus the refinement of q*" if gaps else ""),
-            file=sys.stderr,
+    if seconds > 10:
+        logger.info(
+            "evaluating %d data with K = %d%s: about %s%s",
+            len(x),
+            num_samples,
+            " and the gaps" if gaps else "",
+            format_duration(seconds),
+            " plus the refinement of q*" if gaps else "",
         )
     parts: dict[str, list[np.ndarray]] = {}
     start_time = time.perf_counter()
@@ -639,8 +645,10 @@ def evaluate(
         tqdm(
             total=len(x) * passes * num_samples,
             disable=not progress,
+            desc="log p(x)",
             unit="weight",
             unit_scale=True,
+            smoothing=0,  # the average rate: it counts the refinement of q* between chunks
             dynamic_ncols=True,
         ) as bar,
     ):
@@ -1093,7 +1101,9 @@ def compare_runs(
 
     Each run is evaluated by :func:`evaluate_run` (nothing is written into the
     runs); the evaluated points must be the same for all (same dataset, split
-    and ``max_data``; checked by their SHA-256).
+    and ``max_data``; checked by their SHA-256). With ``progress``, a bar over
+    the runs (with the time left for all of them) above each run's own bar,
+    on stderr.
 
     Raises:
         ConfigError: fewer than two runs, or runs whose evaluation data differ.
@@ -1105,7 +1115,18 @@ def compare_runs(
         chunk_size=chunk_size, seed=seed, device=device, progress=progress,
         max_seconds=max_seconds, write=False,
     )  # fmt: skip
-    evaluations = [evaluate_run(run, **options) for run in run_dirs]  # type: ignore[arg-type]
+    evaluations = []
+    with tqdm(
+        total=len(run_dirs),
+        disable=not progress,
+        desc="compare",
+        unit="run",
+        smoothing=0,
+        dynamic_ncols=True,
+    ) as bar:
+        for run in run_dirs:
+            evaluations.append(evaluate_run(run, **options))  # type: ignore[arg-type]
+            bar.update()
     first = evaluations[0].summary
     for run, evaluation in zip(run_dirs[1:], evaluations[1:], strict=True):
         if evaluation.summary["data_sha256"] != first["data_sha256"]:
@@ -1197,8 +1218,10 @@ def evaluate_ais(
     The summary has what :func:`evaluate` reports for ``log p(x)`` -- the mean,
     the SE over data and the Monte Carlo SE (from the chains' weights) -- with
     ``"estimator": "ais"``, the steps, chains and the mean HMC acceptance rate.
+    With ``progress``, a bar on stderr over every AIS step of every batch
+    (pilot runs included, :func:`pyro_vae.ais.chain_steps`), with the time left.
     """
-    from .ais import ais_log_likelihood
+    from .ais import ais_log_likelihood, chain_steps
 
     if len(x) == 0:
         raise ConfigError("no data to evaluate")
@@ -1213,14 +1236,22 @@ def evaluate_ais(
             f"{format_duration(seconds)}; the limit is {format_duration(max_seconds)}: fewer "
             "steps, chains or data"
         )
-    if progress and seconds > 10:
-        print(f"AIS on {len(x)} data: about {format_duration(seconds)}", file=sys.stderr)
+    if seconds > 10:
+        logger.info("AIS on %d data: about %s", len(x), format_duration(seconds))
     start_time = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {}
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with (
         torch.random.fork_rng(devices=devices),
-        tqdm(total=len(x), disable=not progress, unit="datum", dynamic_ncols=True) as bar,
+        tqdm(
+            total=chain_steps(len(x), steps, chains),
+            disable=not progress,
+            desc="AIS",
+            unit="chain-step",
+            unit_scale=True,
+            smoothing=0,
+            dynamic_ncols=True,
+        ) as bar,
     ):
         torch.manual_seed(seed)
         for begin in range(0, len(x), batch_size):
@@ -1228,7 +1259,7 @@ def evaluate_ais(
             ib = None if index is None else index[begin : begin + batch_size]
             r = ais_log_likelihood(
                 vae, xb, steps=steps, chains=chains, start=start,
-                leapfrog_steps=leapfrog_steps, index=ib,
+                leapfrog_steps=leapfrog_steps, index=ib, on_step=bar.update,
             )  # fmt: skip
             for key, value in (
                 ("log_likelihood", r.log_likelihood),
@@ -1237,7 +1268,6 @@ def evaluate_ais(
                 ("acceptance_rate", r.acceptance_rate),
             ):
                 parts.setdefault(key, []).append(value.double().cpu().numpy())
-            bar.update(len(xb))
     per_datum = {key: np.concatenate(values) for key, values in parts.items()}
     log_lik, se = _mean_and_stderr(per_datum["log_likelihood"])
     n = len(x)
@@ -1293,7 +1323,8 @@ def bdmc_run(
     Ghahramani & Adams 2015). On the same data, the importance sampling
     estimate with ``K = num_samples`` guide samples and the ELBO are placed
     against the sandwich: how far below the truth the IS number sits on data
-    like the model's own, measured.
+    like the model's own, measured. With ``progress``, a bar on stderr for
+    both AIS directions, then one for the importance sampling.
 
     Returns:
         The summary written to ``bdmc.json``: ``lower``, ``upper``, ``gap`` (means
@@ -1312,11 +1343,14 @@ def bdmc_run(
     with run_lock(run_dir) if write else nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         start_time = time.perf_counter()
-        result = bdmc(vae, num_data, steps=steps, chains=chains)
+        result = bdmc(vae, num_data, steps=steps, chains=chains, progress=progress)
         if vae.posterior.is_point_estimate:
             is_est = None
         else:
-            is_est = evaluate(vae, result.x, num_samples=k, iwae_k=[1], seed=seed, max_seconds=None)
+            is_est = evaluate(
+                vae, result.x, num_samples=k, iwae_k=[1], seed=seed, max_seconds=None,
+                progress=progress,
+            )  # fmt: skip
         n = num_data
         lower, lower_se = mean_se_pair(result.lower, result.lower_stderr)
         upper, upper_se = mean_se_pair(result.upper, result.upper_stderr)

@@ -186,6 +186,8 @@ def _describe(d: torch.distributions.Distribution) -> str:
     """``Independent(Normal)``-style name of a distribution, for messages."""
     if isinstance(d, torch.distributions.Independent):
         return f"Independent({_describe(d.base_dist)})"
+    if isinstance(d, torch.distributions.MixtureSameFamily):  # its fast subclasses too
+        return "MixtureSameFamily"
     return type(d).__name__
 
 

@@ -276,6 +276,96 @@ def plot_kl_history(history: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """The centred mean of ``window`` neighbours (fewer at the ends), same shape ``(N,)``."""
+    half = max(window, 1) // 2
+    cumulative = np.concatenate([[0.0], np.cumsum(values, dtype=float)])
+    i = np.arange(len(values))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(values))
+    return (cumulative[hi] - cumulative[lo]) / (hi - lo)
+
+
+def step_series(history: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The per-step losses of the records' ``step_losses``: ``(steps (N,), losses (N,), S)``.
+
+    Steps count from 1 over the run, ``S`` steps per epoch (the longest
+    record's). An epoch resumed mid-way from a checkpoint of an earlier
+    version lacks its first steps; its losses are placed at its end.
+
+    Raises:
+        DataError: no record has ``step_losses``.
+    """
+    records = [r for r in history if r.get("step_losses")]
+    if not records:
+        raise DataError(
+            "the metrics have no step_losses (a run of an earlier pyro-vae version keeps one "
+            "value per epoch)"
+        )
+    per_epoch = max(len(r["step_losses"]) for r in records)
+    steps: list[int] = []
+    losses: list[float] = []
+    for r in records:
+        values = r["step_losses"]
+        first = r["epoch"] * per_epoch - len(values) + 1
+        steps.extend(range(first, first + len(values)))
+        losses.extend(values)
+    return np.asarray(steps), np.asarray(losses, dtype=float), per_epoch
+
+
+def plot_step_loss(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """The training loss of every step: the raw points under their moving average.
+
+    The loss of a step is the minibatch's negative objective in nats per
+    datum (the β-weighted ELBO, or the IWAE bound, as trained), so it falls
+    as training improves; its scatter is the gradient noise of the
+    minibatches. The top axis marks epochs. A few losses far above the rest
+    (typically the first steps, from random weights) are left above the y
+    range and counted in a corner, so the rest of the curve stays readable.
+
+    Args:
+        history: The per-epoch records of ``metrics.jsonl``, with ``step_losses``.
+
+    Returns:
+        A figure with one axis: x = step (top: epoch), y = loss in nats per datum.
+
+    Raises:
+        DataError: no record has ``step_losses`` (:func:`step_series`).
+    """
+    steps, losses, per_epoch = step_series(history)
+    window = max(3, 2 * (len(losses) // 100) + 1) if len(losses) >= 10 else 1  # ~2%, centred
+    smooth = moving_average(losses, window)
+    fig = _figure(7, 3.8)
+    ax = fig.add_subplot()
+    dense = len(losses) > 2000  # many dots: smaller and lighter, the line stays on top
+    ax.plot(
+        steps, losses, ".", markersize=2 if dense else 4, color="C0", alpha=0.25 if dense else 0.5,
+        label="loss of each step",
+    )  # fmt: skip
+    label = f"moving average ({window} steps)" if window > 1 else "loss"
+    ax.plot(steps, smooth, "-", color="C1", linewidth=2, label=label)
+    lo, hi, cap = float(losses.min()), float(losses.max()), float(np.quantile(losses, 0.98))
+    if cap > lo and hi > cap + 0.5 * (cap - lo):  # outliers would squash the curve
+        margin = 0.08 * (cap - lo)
+        ax.set_ylim(lo - margin, cap + margin)
+        above = int(np.sum(losses > cap + margin))
+        ax.text(
+            0.01, 0.03, f"{above} step{'s' * (above != 1)} above the axis, up to {hi:.1f}",
+            transform=ax.transAxes, ha="left", va="bottom", fontsize=9, color="0.3",
+        )  # fmt: skip
+    ax.set_xlabel("step (minibatch update)", fontsize=11)
+    ax.set_ylabel("loss (nats per datum)", fontsize=11)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top = ax.secondary_xaxis(
+        "top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch)
+    )  # fmt: skip
+    top.set_xlabel("epoch", fontsize=10)
+    top.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Training loss per step", fontsize=12)
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=9, loc="upper right", markerscale=2)
+    return fig
+
+
 # --- generation -------------------------------------------------------------------
 
 
@@ -295,6 +385,54 @@ def plot_prior_samples(vae: VAE, n: int = 64, seed: int = 0) -> Figure:
     ax = fig.add_subplot()
     _show_grid(ax, grid)
     ax.set_title(r"samples: $z \sim p(z)$, decoded to $\mathbb{E}[x|z]$")
+    return fig
+
+
+def plot_samples_over_training(
+    snapshots: Sequence[tuple[int, torch.Tensor]], max_rows: int = 12
+) -> Figure:
+    """Decoded prior samples after each snapshot epoch: one row per epoch, the same z per column.
+
+    Each column decodes one fixed draw :math:`z \\sim p(z)` (the snapshots'
+    seed) with the decoder of that row's epoch, so reading a column downwards
+    shows one sample taking shape as training goes on. All rows share one
+    grey scale.
+
+    Args:
+        snapshots: ``[(epoch, images (n, *event_shape)), ...]`` by epoch
+            (:func:`pyro_vae.train.read_snapshots`).
+        max_rows: Most rows drawn; more snapshots are thinned evenly, keeping
+            the first and the last.
+
+    Returns:
+        A figure with one axis: the image grid, rows labelled by epoch.
+
+    Raises:
+        DataError: no snapshots, or the data are not images.
+    """
+    if not snapshots:
+        raise DataError("no snapshots of prior samples")
+    _require_images(snapshots[0][1].shape[1:])
+    if len(snapshots) > max_rows:
+        keep = np.unique(np.round(np.linspace(0, len(snapshots) - 1, max_rows)).astype(int))
+        snapshots = [snapshots[i] for i in keep]
+    columns = min(len(images) for _, images in snapshots)
+    padding = 1
+    grid = image_grid(
+        torch.cat([images[:columns] for _, images in snapshots]), nrow=columns, padding=padding
+    )
+    height = _as_images(snapshots[0][1]).shape[-2]
+    width = 6.5
+    fig = _figure(width + 1.0, width * grid.shape[1] / grid.shape[2] + 0.7)
+    ax = fig.add_subplot()
+    _show_grid(ax, grid)
+    centres = [
+        padding + row * (height + padding) + (height - 1) / 2 for row in range(len(snapshots))
+    ]
+    ax.set_yticks(centres, [f"epoch {epoch}" for epoch, _ in snapshots], fontsize=10)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel("each column: one fixed draw of z, decoded after that epoch", fontsize=10)
+    ax.set_title(r"samples over training: $\mathbb{E}[x|z]$, the same $z \sim p(z)$ per column")
     return fig
 
 

@@ -83,7 +83,11 @@ _HOW_TO_READ: dict[str, str] = {
         "then settles. A KL near 0 with a poor reconstruction is posterior collapse. "
         "<b>KL per dimension.</b> Each row of the heatmap is one latent dimension, each column "
         "one epoch; the colour is that dimension's test KL (scale on the colorbar). Rows that "
-        "stay at the colour of 0 are dimensions the model does not use."
+        "stay at the colour of 0 are dimensions the model does not use. "
+        "<b>Loss per step.</b> Each dot is one minibatch's loss (the negative training "
+        "objective, nats per datum), the line their moving average. The line should fall fast, "
+        "then slowly; the dots scatter around it by the gradient noise of the minibatches. A "
+        "line that turns up, or jumps, points to a learning rate too high."
     ),
     "generation": (
         "<b>Samples</b> show what the model believes data look like: z drawn from the prior, "
@@ -94,7 +98,10 @@ _HOW_TO_READ: dict[str, str] = {
         "<b>Reconstructions</b> should keep each input's identity and shape. "
         "<b>Interpolations</b> decode points on the straight line between two inputs' codes; "
         "in a smooth latent space every step is a plausible datum. The <b>manifold</b> "
-        "(2-D latent spaces only) shows the whole latent space at once."
+        "(2-D latent spaces only) shows the whole latent space at once. <b>Samples over "
+        "training</b> decode the same prior draws after several epochs (one row per epoch, "
+        "one draw per column): reading a column downwards shows a sample taking shape; rows "
+        "that stop changing mean the decoder has settled."
     ),
     "latent": (
         "Each point is the posterior mean E<sub>q</sub>[z|x] of one held-out datum. With "
@@ -517,6 +524,19 @@ def _training_section(run: _Run) -> _Section:
             summary += f" The run is unfinished ({run.config.train.epochs} epochs planned)."
         section.text(summary)
     section.figure("elbo", "Train and test ELBO per epoch", plots.plot_elbo, run.history)
+    if any(r.get("step_losses") for r in run.history):
+        steps = plots.step_series(run.history)[0]
+        if steps[0] > 1:
+            section.text(
+                f"Steps 1 to {steps[0] - 1} were trained by an earlier pyro-vae version, which "
+                "kept no per-step losses: the curve starts where the run was resumed."
+            )
+        section.figure("step-loss", "Training loss per step", plots.plot_step_loss, run.history)
+    else:
+        section.note(
+            "Loss per step: this run's metrics.jsonl keeps one value per epoch (it was trained "
+            "by an earlier pyro-vae version); resume it, or train again, to record every step."
+        )
     section.figure(
         "elbo-terms",
         "Reconstruction and KL terms of the test ELBO",
@@ -548,6 +568,7 @@ def _generation_section(run: _Run, split: str | None, seed: int) -> _Section:
 
     section = _Section("generation")
     if _model_missing(section, run, needs_data=False):
+        _samples_over_training(section, run)
         return section
     assert run.vae is not None
     if not plots.is_image_shape(run.vae.event_shape):
@@ -564,6 +585,7 @@ def _generation_section(run: _Run, split: str | None, seed: int) -> _Section:
         64,
         seed,
     )
+    _samples_over_training(section, run)
     if run.data is None:
         section.note(f"Reconstructions and interpolations: {run.problems['data']}.")
     else:
@@ -597,6 +619,39 @@ def _generation_section(run: _Run, split: str | None, seed: int) -> _Section:
             f"(this model has latent_dim = {run.vae.latent_dim})."
         )
     return section
+
+
+def _samples_over_training(section: _Section, run: _Run) -> None:
+    """The snapshots of ``train.image_every`` as a figure, or a note on why there is none."""
+    from . import plots
+    from .train import read_snapshots
+
+    last = run.history[-1]["epoch"] if run.history else 0
+    try:
+        snapshots = read_snapshots(run.path, last_epoch=last)
+    except UserError as e:
+        section.note(f"Samples over training: {e}.")
+        return
+    if not snapshots:
+        every = run.config.train.image_every
+        section.note(
+            "No samples over training: this run keeps no snapshots of prior samples "
+            + (
+                f"yet (train.image_every = {every})."
+                if every > 0
+                else "(train.image_every = 0); train with --set train.image_every=N to keep "
+                "them every N epochs."
+            )
+        )
+        return
+    if not plots.is_image_shape(snapshots[0][1].shape[1:]):
+        return  # the section already says the data are not images
+    section.figure(
+        "samples-over-training",
+        f"Prior samples over training ({len(snapshots)} snapshots, the same z in each column)",
+        plots.plot_samples_over_training,
+        snapshots,
+    )
 
 
 def _latent_section(run: _Run, split: str | None, compare: Path | None, seed: int) -> _Section:

@@ -21,6 +21,17 @@ per-datum guide), ``test_kl_per_dim`` where closed-form, ``beta``,
 ``kl_estimator`` (:func:`~pyro_vae.objectives.kl_estimator`),
 ``gradient_steps`` (cumulative) and ``seconds``.
 
+Each record also keeps ``step_losses``, the loss of every step of the epoch
+(nats per datum, the minibatch's negative objective), so the run directory
+holds the per-step curve without a file of its own; every
+``train.image_every`` epochs (and at the last) the trainer keeps decoded prior
+samples from fixed noise in ``snapshots/`` (:func:`read_snapshots`).
+
+Messages (one line per epoch, early stopping, debug details) go to the
+``pyro_vae.train`` logger; nothing is printed unless the caller configures
+logging (the CLI does) or passes ``log``. Callbacks (:class:`Callback`) see
+every epoch record and, optionally, every step.
+
 After every epoch the checkpoint (one layout for every method) is written
 atomically; Ctrl-C stops at the next step boundary, saves a mid-epoch
 checkpoint and raises :class:`~pyro_vae.errors.TrainingInterrupted`.
@@ -31,8 +42,11 @@ metrics as an uninterrupted run, for every method.
 from __future__ import annotations
 
 import dataclasses
+import io
+import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -80,17 +94,37 @@ from .errors import (
     NonFiniteStartError,
     TrainingInterrupted,
 )
-from .files import remove_stale_temporaries, run_lock
+from .files import atomic_write_bytes, remove_stale_temporaries, run_lock
 from .model import VAE
 from .objectives import kl_estimator, kl_weight
 from .registry import LIKELIHOODS, METHODS
+
+logger = logging.getLogger(__name__)
 
 #: ``on_step(epoch, step, loss)``: called after every optimizer step.
 StepCallback = Callable[[int, int, float], None]
 
 
 class Callback(Protocol):
-    """What ``fit(..., callbacks=[...])`` calls: the hook for W&B, MLflow and the like."""
+    """What ``fit(..., callbacks=[...])`` calls: the hook for W&B, MLflow and the like.
+
+    Only :meth:`on_epoch_end` is required. The trainer also calls these
+    methods where a callback has them (on the writing rank only):
+
+    * ``on_train_begin(trainer)``: before the first step of this session,
+      with the :class:`Trainer` (``config``, ``vae``, ``data``, ``out_dir``,
+      ``steps_per_epoch``, ``start_step``: steps done before this session);
+    * ``on_step_end(step, values)``: after every step; ``step`` counts the
+      steps of the whole run from 1, ``values`` holds ``epoch``, ``loss``
+      (nats per datum) and ``grad_norm`` (the gradient's global 2-norm before
+      clipping) where measured;
+    * ``on_train_end(trainer)``: when this session ends, also by an error or
+      an interrupt.
+
+    A callback with ``needs_grad_norm = True`` asks the step strategy to
+    measure the gradient norm at every step (SVI measures it; it costs a few
+    norms per step, so only then).
+    """
 
     def on_epoch_end(self, record: dict[str, Any], vae: VAE) -> None:
         """Called after each epoch with its metrics record (as in ``metrics.jsonl``)."""
@@ -141,7 +175,13 @@ def load_data(config: Config, fixed: bool = False) -> PreparedData:
     """
     likelihood = config.model.likelihood.name
     support = LIKELIHOODS.get(likelihood).support
-    dataset = load_dataset(config.data.name, config.data.data_dir, config.data.download)
+    dataset = load_dataset(
+        config.data.name,
+        config.data.data_dir,
+        config.data.download,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+    )
     mode = config.data.binarize
     if fixed and resolve_binarize(mode, dataset.splits["train"], support) == "dynamic":
         mode = "static"
@@ -177,6 +217,11 @@ class StepStrategy:
     compare_with_amortized: bool = False
     #: It clips the gradient norm to ``train.clip_norm``.
     clips_gradients: bool = False
+    #: Set by the trainer when a callback wants :attr:`grad_norm` at every step.
+    track_grad_norm: bool = False
+    #: The last step's global gradient 2-norm before clipping (a 0-dim tensor), or
+    #: ``None`` where not measured (a strategy that does not, or nobody asked).
+    grad_norm: torch.Tensor | None = None
 
     @classmethod
     def configure(cls, config: Config) -> Config:
@@ -258,8 +303,12 @@ class SVIStep(StepStrategy):
         if math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm)
+            if self.clip_norm > 0:  # returns the norm before clipping: measured for free
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.vae.parameters(), self.clip_norm
+                )
+            elif self.track_grad_norm:
+                self.grad_norm = total_grad_norm(self.vae.parameters())
             self.optimizer.step()
         return value
 
@@ -306,6 +355,81 @@ def _devices(vae: VAE) -> Iterator[torch.device]:
     for p in vae.parameters():
         yield p.device
     yield torch.device("cpu")
+
+
+def total_grad_norm(parameters: Iterator[torch.nn.Parameter]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients (a 0-dim tensor; 0 without any)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+# --- image snapshots ---------------------------------------------------------------------
+
+#: Folder of the run directory with the prior-sample snapshots of ``train.image_every``.
+SNAPSHOT_DIR = "snapshots"
+#: Prior samples kept per snapshot.
+SNAPSHOT_SAMPLES = 10
+#: Seed of the snapshots' noise: the same z at every epoch (and in every run on one device).
+SNAPSHOT_SEED = 0
+_SNAPSHOT_NAME = re.compile(r"samples-(\d+)\.pt")
+
+
+def images_due(train: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` has images: every ``train.image_every`` epochs, and the last (0: none)."""
+    every = train.image_every
+    return every > 0 and (epoch % every == 0 or epoch == train.epochs)
+
+
+@torch.no_grad()
+def prior_samples(vae: VAE, n: int, seed: int = SNAPSHOT_SEED) -> torch.Tensor:
+    """Decode ``n`` draws :math:`z \\sim p(z)` from a fixed seed to the means of :math:`p(x|z)`.
+
+    The global random states (the CPU's and the model's CUDA device's) are
+    left as they were, so calling this during training changes nothing.
+
+    Returns:
+        ``(n, *event_shape)``, on the CPU.
+    """
+    device = next(_devices(vae))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        return vae.decode(vae.prior().sample((n,))).cpu()
+
+
+def read_snapshots(
+    run_dir: str | os.PathLike[str], last_epoch: int | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """The prior-sample snapshots of a run, ``[(epoch, images (n, *event_shape)), ...]`` by epoch.
+
+    Every snapshot decodes the same noise (:data:`SNAPSHOT_SEED`), so the rows
+    compare across epochs. Empty for a run trained with ``train.image_every = 0``
+    or by a version that kept none.
+
+    Args:
+        run_dir: The run directory.
+        last_epoch: Leave out snapshots after this epoch (e.g. the last recorded one).
+
+    Raises:
+        CheckpointError: a snapshot file cannot be read.
+    """
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = []
+    for path in sorted(folder.glob("samples-*.pt")):
+        match = _SNAPSHOT_NAME.fullmatch(path.name)
+        if match is None or (last_epoch is not None and int(match[1]) > last_epoch):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            found.append((int(state["epoch"]), state["images"].float()))
+        except Exception as e:  # damaged: one line, never unpickled as code
+            raise CheckpointError(f"cannot read the snapshot {path}: {e}") from None
+    return sorted(found, key=lambda item: item[0])
 
 
 # --- schedules and model selection -------------------------------------------------------
@@ -433,13 +557,18 @@ class Trainer:
         out_dir: Run directory, or ``None`` to keep everything in memory.
         state: A checkpoint to continue from (:func:`resume`).
         progress: Show a tqdm progress bar.
-        log: Called with one line per epoch.
+        log: Called with every message (one line per epoch, early stopping), besides
+            the ``pyro_vae.train`` logger.
         on_step: Called after every step with ``(epoch, step, loss)``.
-        callbacks: Objects with ``on_epoch_end(record, vae)``.
+        callbacks: Objects with ``on_epoch_end(record, vae)`` and optionally the
+            other hooks of :class:`Callback`.
         evaluate_splits: Splits whose ELBO each record holds (default: ``test``
             and ``valid`` for an amortized guide, the training set for a per-datum one).
         config_changed: A resumed run's ``config.toml`` changes (written with the
             next checkpoint).
+
+    While :meth:`run` runs, ``steps_per_epoch`` and ``start_step`` (the steps
+    done before this session) tell callbacks where the run is.
     """
 
     def __init__(
@@ -470,6 +599,8 @@ class Trainer:
         if evaluate_splits is None:
             evaluate_splits = ("test", "valid") if vae.posterior.is_amortized else ("train_set",)
         self.evaluate_splits = tuple(evaluate_splits)
+        self.steps_per_epoch = 0
+        self.start_step = 0
 
     def _path(self, name: str) -> Path:
         assert self.out_dir is not None
@@ -506,6 +637,7 @@ class Trainer:
 
         history: list[dict[str, Any]] = []
         epoch_done, step_done, perm, elbo_sum, seconds = 0, 0, None, 0.0, 0.0
+        step_losses: list[float] = []  # this epoch's, nats per datum
         # the best validation ELBO so far: {"epoch", "valid_elbo", "since"} (since: the
         # first epoch selection saw), and the epoch at which early stopping ended the run
         best: dict[str, Any] | None = None
@@ -527,6 +659,9 @@ class Trainer:
             epoch_done, step_done = int(s["epoch"]), int(s["step"])
             perm = s["perm"].to(device) if s["perm"] is not None else None
             elbo_sum, seconds, history = float(s["elbo_sum"]), float(s["seconds"]), s["history"]
+            # runs of earlier versions kept no step losses: an epoch resumed mid-way
+            # from one of them records its remaining steps only
+            step_losses = list(s.get("step_losses") or []) if step_done > 0 else []
             saved_schedule = s.get("scheduler") or {}
             if scheduler is not None and saved_schedule.get("name") == cfg.train.lr_schedule:
                 scheduler.load_state_dict(saved_schedule["state"])
@@ -549,6 +684,7 @@ class Trainer:
 
         n, batch = len(train), cfg.train.batch_size
         steps = math.ceil(n / batch)
+        self.steps_per_epoch, self.start_step = steps, epoch_done * steps + step_done
         session = environment(str(device))  # recorded with every checkpoint of this session
         total = cfg.train.epochs * steps
         bar = tqdm(
@@ -558,10 +694,31 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        write = (bar.write if self.progress else self.log) if main else None
-        if batch > n and write is not None and epoch_done == 0 and step_done == 0:
+
+        def write(message: str, level: int = logging.INFO) -> None:
+            """A message to the logger and to ``log`` (around the bar); rank 0 only."""
+            if not main:
+                return
+            logger.log(level, message)
+            if self.log is not None and level >= logging.INFO:
+                with tqdm.external_write_mode(nolock=False):
+                    self.log(message)
+
+        if self.state is not None:
+            write(f"resuming {self.out_dir} at epoch {epoch_done}, step {step_done}", logging.DEBUG)
+        write(
+            f"training {cfg.train.method} on {device}: {n} data, {steps} steps of {batch} per "
+            f"epoch, epochs {epoch_done + 1} to {cfg.train.epochs}",
+            logging.DEBUG,
+        )
+        if batch > n and epoch_done == 0 and step_done == 0:
             write(f"train.batch_size {batch} > {n} training data: every step uses all {n}")
         ddp = strategy if isinstance(strategy, DataParallelSVIStep) else None
+        callbacks = self.callbacks if main else []  # [distributed] rank 0 reports
+        step_hooks = [c.on_step_end for c in callbacks if hasattr(c, "on_step_end")]
+        strategy.track_grad_norm = any(getattr(c, "needs_grad_norm", False) for c in callbacks)
+        if self.out_dir is not None and main:
+            self._remove_snapshots_after(epoch_done)  # a later epoch's, from a run cut short
 
         def snapshot(epoch: int, step: int) -> dict[str, Any]:
             return {
@@ -578,6 +735,7 @@ class Trainer:
                 "elbo_sum": elbo_sum,
                 "seconds": seconds,
                 "history": history,
+                "step_losses": list(step_losses) if step > 0 else [],
                 "best": best,
                 "stopped_early": stopped_early,
                 "environment": session,
@@ -595,6 +753,9 @@ class Trainer:
             }
 
         try:
+            for callback in callbacks:
+                if hasattr(callback, "on_train_begin"):
+                    callback.on_train_begin(self)
             validate, first = pyro.infer.util.is_validation_enabled(), True
             with _sigint_flag() as interrupted, warnings.catch_warnings():
                 # a NaN loss is reported by the trainer's own message, not Pyro's warning
@@ -626,11 +787,19 @@ class Trainer:
                         if not math.isfinite(value):
                             raise self._non_finite(value, epoch, step + 1)
                         elbo_sum -= value * len(index) / n
+                        step_losses.append(float(f"{value / n:.6g}"))  # 6 digits: compact JSON
                         bar.update(1)
                         bar.set_postfix(epoch=epoch, elbo=f"{-value / n:.2f}", refresh=False)
                         try:
                             if self.on_step is not None:
                                 self.on_step(epoch, step + 1, value)
+                            if step_hooks:
+                                values = {"epoch": epoch, "loss": value / n}
+                                if strategy.grad_norm is not None:
+                                    values["grad_norm"] = float(strategy.grad_norm)
+                                at = (epoch - 1) * steps + step + 1
+                                for hook in step_hooks:
+                                    hook(at, values)
                         except KeyboardInterrupt:
                             interrupted["set"] = True
                         stop = interrupted["set"] if ddp is None else ddp.stop
@@ -648,8 +817,9 @@ class Trainer:
                     record["gradient_steps"] = epoch * steps * strategy.gradients_per_step
                     if optimizer is not None:  # a plugin's strategy may keep no optimizer
                         record["lr"] = optimizer.param_groups[0]["lr"]
+                    record["step_losses"] = step_losses
                     history.append(record)
-                    perm, step_done, elbo_sum, seconds = None, 0, 0.0, 0.0
+                    perm, step_done, elbo_sum, seconds, step_losses = None, 0, 0.0, 0.0, []
                     valid = record.get("valid_elbo")
                     improved = valid is not None and (best is None or valid > best["valid_elbo"])
                     if improved:
@@ -660,23 +830,26 @@ class Trainer:
                         stopped_early = epoch
                     if self.out_dir is not None and main:
                         write_metrics(self._path(METRICS_FILE), history)
+                        if images_due(cfg.train, epoch):  # before the checkpoint: a resume
+                            self._save_snapshot(epoch)  # drops those after its own epoch
                         if improved:  # before the checkpoint that refers to it
                             save_checkpoint(self._path(BEST_FILE), best_state(snapshot(epoch, 0)))
                         self._save(snapshot(epoch, 0))
-                    if write is not None:
-                        write(_format_epoch(record))
-                    if main:
-                        for callback in self.callbacks:
-                            callback.on_epoch_end(dict(record), vae)
+                        write(f"epoch {epoch}: checkpoint written to {self.out_dir}", logging.DEBUG)
+                    write(_format_epoch(record))
+                    for callback in callbacks:
+                        callback.on_epoch_end(dict(record), vae)
                     if stopped_early is not None:
-                        if write is not None:
-                            write(_early_stop_line(epoch, best, cfg.train))
+                        write(_early_stop_line(epoch, best, cfg.train))
                         break
                     stop = distributed.any_rank(interrupted["set"])  # [distributed] all or none
                     if stop and epoch < cfg.train.epochs:
                         self._interrupt(None, epoch, 0)
         finally:
             bar.close()
+            for callback in callbacks:
+                if hasattr(callback, "on_train_end"):
+                    callback.on_train_end(self)
         last = history[-1]["epoch"] if history else 0
         return TrainResult(
             vae.eval(), cfg, history, data, last - epoch_done, _public(best), stopped_early
@@ -688,6 +861,23 @@ class Trainer:
             self.config.save(self._path(CONFIG_FILE))
             self._saved = True
         save_checkpoint(self._path(CHECKPOINT_FILE), state)
+
+    def _save_snapshot(self, epoch: int) -> None:
+        """Write ``snapshots/samples-EPOCH.pt``: :func:`prior_samples` of the model now."""
+        images = prior_samples(self.vae, SNAPSHOT_SAMPLES, SNAPSHOT_SEED)
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "seed": SNAPSHOT_SEED, "images": images}, buffer)
+        path = self._path(SNAPSHOT_DIR) / f"samples-{epoch:05d}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        logger.debug("epoch %d: %d prior samples written to %s", epoch, SNAPSHOT_SAMPLES, path)
+
+    def _remove_snapshots_after(self, epoch: int) -> None:
+        """Delete the snapshots of epochs after ``epoch``: their checkpoint never came."""
+        folder = self._path(SNAPSHOT_DIR)
+        for path in folder.glob("samples-*.pt"):
+            match = _SNAPSHOT_NAME.fullmatch(path.name)
+            if match is not None and int(match[1]) > epoch:
+                path.unlink(missing_ok=True)
 
     def _non_finite(self, value: float, epoch: int, step: int) -> NonFiniteLossError:
         """The error for a NaN or infinite loss; before any checkpoint it names the likely cause."""
@@ -841,9 +1031,12 @@ def fit(
         config: With a VAE: the ``[train]`` (and ``[data]`` binarization)
             settings; its ``[model]`` is replaced by the VAE's own.
         progress: Show a tqdm progress bar.
-        log: Called with one line per epoch (e.g. ``print``).
+        log: Called with one line per epoch (e.g. ``print``); the same lines go to
+            the ``pyro_vae.train`` logger in any case.
         on_step: Called after every step.
-        callbacks: Objects with ``on_epoch_end(record, vae)``.
+        callbacks: Objects with ``on_epoch_end(record, vae)`` and optionally
+            ``on_train_begin``, ``on_step_end``, ``on_train_end`` (see
+            :class:`Callback`), e.g. :class:`pyro_vae.tensorboard.TensorBoardCallback`.
         initialize: Called with the freshly built VAE before training (e.g. to copy weights).
         evaluate_splits: Splits evaluated each epoch (see :class:`Trainer`).
 
@@ -952,11 +1145,12 @@ def _rebuilds(model: ModelConfig | None, vae: VAE, num_data: int) -> bool:
     return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
 
 
-#: ``[train]`` keys a resumed run may change: how long and where it trains, and how it
-#: selects, schedules and clips -- never what the weights or Adam's moments mean.
+#: ``[train]`` keys a resumed run may change: how long and where it trains, how it
+#: selects, schedules and clips, and what it shows -- never what the weights or Adam's
+#: moments mean.
 RESUMABLE_KEYS = (
     "epochs", "device", "eval_every", "early_stopping_patience", "lr_schedule", "lr_gamma",
-    "lr_patience", "lr_min", "clip_norm",
+    "lr_patience", "lr_min", "clip_norm", "image_every",
 )  # fmt: skip
 
 
@@ -980,9 +1174,9 @@ def resume(
         changes: Other ``[train]`` keys to change, by name (only :data:`RESUMABLE_KEYS`),
             e.g. ``{"lr_schedule": "plateau"}``; ``config.toml`` records them.
         progress: Show a tqdm progress bar.
-        log: Called with one line per epoch.
+        log: Called with one line per epoch (besides the ``pyro_vae.train`` logger).
         on_step: Called after every optimizer step.
-        callbacks: Objects with ``on_epoch_end(record, vae)``.
+        callbacks: As for :func:`fit` (a TensorBoard callback continues the run's curves).
     """
     from .checkpoint import read_run_config
 
@@ -1032,8 +1226,9 @@ def _resume(
                 f"(SHA-256 {data.fingerprint[:12]}..., was {recorded[:12]}...); resuming needs "
                 "the same data: restore them, or train a new run"
             )
-        if distributed.is_main():
-            remove_stale_temporaries(out_dir)  # a SIGKILL mid-write leaves them; we hold the lock
+        if distributed.is_main():  # a SIGKILL mid-write leaves them; we hold the lock
+            remove_stale_temporaries(out_dir)
+            remove_stale_temporaries(out_dir / SNAPSHOT_DIR)
         vae = build_vae(cfg.model, tuple(state["event_shape"]), num_data=state["num_data"])
         trainer = Trainer(
             cfg,

@@ -36,7 +36,7 @@ LAYERS = [
     ["ais"],
     ["evaluate", "diagnostics"],
     ["plots"],
-    ["report", "course"],
+    ["report", "course", "tensorboard"],
     ["cli"],
     ["__init__"],
     ["__main__"],

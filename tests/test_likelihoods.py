@@ -184,13 +184,13 @@ def test_conv_encodes_and_decodes_28x28_images_with_leading_dims():
 
 @pytest.mark.parametrize(
     "role, event_shape",
-    [("encoder", (8, 8)), ("encoder", (784,)), ("decoder", (8, 8)), ("decoder", (28, 27))],
+    [("encoder", (784,)), ("decoder", (784,)), ("encoder", (1, 40)), ("decoder", (40, 1))],
 )
 def test_conv_on_another_datum_shape_is_a_one_line_config_error(role, event_shape):
     conv = ComponentConfig("conv", {"channels": [4], "features": 8})
     small = ComponentConfig("mlp", {"hidden": [8]})
     nets = {"encoder": small, "decoder": small, role: conv}
-    with pytest.raises(ConfigError, match="28x28") as e:
+    with pytest.raises(ConfigError, match="conv network") as e:
         build_vae(ModelConfig(latent_dim=3, **nets), event_shape)
     assert "\n" not in str(e.value) and "mlp" in str(e.value)
 

@@ -34,6 +34,7 @@ FIGURES = [
     "khat",
     "ess",
     "gaps",
+    "step-loss",
 ]
 
 
