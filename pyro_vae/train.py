@@ -982,7 +982,8 @@ def _as_dataset(data: Any) -> Dataset:
         splits = {"train": torch.stack([torch.as_tensor(i) for i in items])}
     else:
         raise ConfigError(
-            f"fit: data must be a tensor, a dict of split tensors or a torch Dataset, "
+            f"fit: data must be a tensor, a dict of split tensors, a torch Dataset or a "
+            f"DataLoader, "
             f"got {type(data).__name__}"
         )
     if "train" not in splits:
@@ -1021,8 +1022,10 @@ def fit(
             :class:`~pyro_vae.model.VAE`, trained in place.
         data: With a VAE: a tensor ``(N, *event_shape)`` (the training set), a
             dict of split tensors (``train`` required; ``test``/``valid``
-            are evaluated each epoch) or a ``torch.utils.data.Dataset``; the
-            data must fit the likelihood's support. With a config: ``None``
+            are evaluated each epoch), a ``torch.utils.data.Dataset`` or a
+            ``DataLoader`` (its data set and batch size; the minibatch order is
+            the trainer's own, seeded and resumable, not the loader's sampler);
+            the data must fit the likelihood's support. With a config: ``None``
             (for the old form ``fit(config, out_dir)`` it may be the run directory).
         out_dir: Run directory for ``config.toml``, ``checkpoint.pt`` and
             ``metrics.jsonl``; ``None`` keeps everything in memory. A run of a
@@ -1104,6 +1107,11 @@ def _fit_vae(
     config: Config,
     hooks: dict[str, Any],
 ) -> TrainResult:
+    if isinstance(data, torch.utils.data.DataLoader):
+        # its data set and batch size; the trainer keeps its own seeded, resumable order
+        if data.batch_size is not None:
+            config = config.override({"train.batch_size": data.batch_size})
+        data = data.dataset
     dataset = _as_dataset(data)
     support = vae.likelihood.support
     binarize = config.data.binarize if config.data.binarize != "auto" else "none"

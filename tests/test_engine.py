@@ -149,6 +149,17 @@ def test_a_hand_built_vamp_vae_trains_saves_and_loads(tmp_path, form):
     assert saved.model.encoder.options["hidden"] == [16]
 
 
+def test_a_data_loader_gives_its_data_set_and_batch_size():
+    x = binary(40)
+    config = Config().override({"train.epochs": 1, "train.batch_size": 16})
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    by_loader = pyro_vae.fit(hand_built_vamp(), loader, config=config)
+    by_tensor = pyro_vae.fit(hand_built_vamp(), x, config=config.override({"train.batch_size": 8}))
+    assert by_loader.config.train.batch_size == 8
+    assert by_loader.history[0]["gradient_steps"] == 5  # 40 data in minibatches of 8
+    assert by_loader.history[0]["train_elbo"] == by_tensor.history[0]["train_elbo"]
+
+
 def test_fit_refuses_bad_data_in_one_line():
     vae = hand_built_vamp()
     with pytest.raises(pyro_vae.DataError, match="not in {0, 1}"):
