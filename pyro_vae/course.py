@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -81,6 +82,90 @@ def claim(holds: Any, statement: str, evidence: str = "") -> None:
     if not bool(holds):
         raise ClaimFailed(f"claim failed: {statement}{suffix}")
     print(f"claim checked: {statement}{suffix}")
+
+
+# --- the notebooks' images ------------------------------------------------------------
+
+#: The dataset the notebooks prefer: 28x28 images people can read.
+MNIST = "binarized-mnist"
+#: The fallback that is always there: scikit-learn's bundled 8x8 digits.
+DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """The images a notebook trains on, chosen by :func:`image_dataset`.
+
+    Args:
+        name: :data:`MNIST` or :data:`DIGITS`.
+        note: One line for the notebook to print: which images, how many, and why.
+        splits: ``"train"`` and ``"test"`` tensors ``(N, H, W)`` with values in [0, 1],
+            ready for ``pyro_vae.fit(vae, splits, config=config)``.
+        binarize: The ``data.binarize`` that a Bernoulli model needs: ``"dynamic"``
+            for the digits' grey levels, ``"none"`` for MNIST's binary pixels.
+        labels: The digit of each image per split, where the data have labels
+            (the binarized MNIST files have none).
+    """
+
+    name: str
+    note: str
+    splits: dict[str, torch.Tensor]
+    binarize: str
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The shape of one image, ``(H, W)``."""
+        return tuple(self.splits["train"].shape[1:])
+
+
+def image_dataset(train_size: int | None = None, test_size: int | None = None) -> ImageData:
+    """Binarized MNIST (28x28) when ``$PYRO_VAE_DATA`` holds it, else the 8x8 digits.
+
+    On 8x8 digits, samples, reconstructions and the 2-D manifold are hard to
+    recognize, so the notebooks use the 28x28 binarized MNIST of
+    :func:`pyro_vae.data.load_binarized_mnist` when the folder named by
+    ``$PYRO_VAE_DATA`` has its files (nothing is downloaded), and otherwise the
+    bundled digits, which are always there (CI runs on them). Both splits are
+    cut to their first ``train_size`` and ``test_size`` images (both sets come
+    shuffled), so that smoke runs stay fast.
+
+    Args:
+        train_size: At most this many training images (``None``: all).
+        test_size: At most this many test images (``None``: all).
+
+    Returns:
+        The images, with a one-line ``note`` that says which were chosen and why.
+
+    Example:
+        >>> images = image_dataset(train_size=300, test_size=100)  # doctest: +SKIP
+        >>> print(images.note)  # doctest: +SKIP
+    """
+    from .data import DATA_ENV, load_dataset
+    from .errors import DataError
+
+    folder = os.environ.get(DATA_ENV, "").strip()
+    dataset, reason = None, f"${DATA_ENV} is not set"
+    if folder:
+        try:
+            dataset = load_dataset(MNIST, folder, download=False)
+        except DataError:
+            reason = f"${DATA_ENV} ({folder}) has no readable binarized MNIST"
+    if dataset is None:
+        dataset = load_dataset(DIGITS, download=False)
+    cut = {"train": train_size, "test": test_size}
+    splits = {s: dataset.splits[s][: cut[s]] for s in cut}
+    labels = {s: dataset.labels[s][: cut[s]] for s in cut if s in dataset.labels}
+    sizes = ", ".join(f"{len(x)} {s}" for s, x in splits.items())
+    height, width = splits["train"].shape[1:]
+    if dataset.name == MNIST:
+        note = f"binarized MNIST from ${DATA_ENV}, {height}x{width} pixels: {sizes} images"
+        return ImageData(MNIST, note, splits, "none", labels)
+    note = (
+        f"8x8 digits ({sizes} images), small and hard to read: {reason}; point it to a "
+        f"folder with binarized_mnist.npz for 28x28 MNIST"
+    )
+    return ImageData(DIGITS, note, splits, "dynamic", labels)
 
 
 # --- reporting ------------------------------------------------------------------
