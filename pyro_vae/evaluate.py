@@ -21,7 +21,7 @@ minibatch, not per datum.)
 From the same weights: the IWAE bounds :math:`\\mathcal L_K` (with
 :math:`\\mathcal L_1` the ELBO), the effective sample size
 :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2`, and the Pareto-smoothed IS shape
-:math:`\\hat k` (arviz; Vehtari et al. 2024), above 0.7 of which the estimate
+:math:`\\hat k` (arviz's PSIS fit, batched; Vehtari et al. 2024), above 0.7 of which the estimate
 of that datum is unreliable.
 
 The gap decomposition (Cremer, Li & Duvenaud 2018):
@@ -315,18 +315,77 @@ class WeightStatistics:
 
 
 def _khat_from_tail(tail: torch.Tensor, num_samples: int) -> np.ndarray:
-    """PSIS :math:`\\hat k` (arviz) of each column of ``K`` weights, from their largest ones."""
-    from arviz.stats.stats import _psislw
+    """PSIS :math:`\\hat k` of each column of ``K`` weights, from their largest ones."""
+    return psis_khat(tail.T.double().cpu().numpy(), num_samples)
 
-    values = tail.T.double().cpu().numpy()
-    cutoff = -khat_tail_size(num_samples)
-    cutoffmin = np.log(np.finfo(float).tiny)
-    khat = np.empty(len(values))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for b, row in enumerate(values):
-            _, khat[b] = _psislw(row.copy(), cutoff, cutoffmin, False)
+
+#: Where arviz's PSIS floors the tail cutoff: the log of the smallest positive float64.
+_CUTOFF_MIN = math.log(np.finfo(np.float64).tiny)
+
+
+def psis_khat(log_w: np.ndarray, num_samples: int | None = None) -> np.ndarray:
+    """The Pareto shape :math:`\\hat k` of PSIS for each row of log weights, shape ``(B,)``.
+
+    Arviz's ``psislw`` (Vehtari et al. 2024), computed the same way in float64
+    and batched over rows. With ``M = ceil(min(K/5, 3 sqrt(K)))``: the
+    ``M + 1``-th largest log weight is the cutoff :math:`u`, the ``M`` weights
+    above it become :math:`y = w - e^u` (after subtracting the row's maximum), and
+    :math:`\\hat k` is the empirical-Bayes estimate of Zhang & Stephens (2009)
+    for a generalized Pareto fit to :math:`y`, shrunk towards 0.5 by a weak
+    prior: :math:`(M \\hat k + 5) / (M + 10)`. ``inf`` where four or fewer
+    weights lie above the cutoff (ties, or weights of zero).
+
+    Args:
+        log_w: Log weights ``(B, n)``: all ``K`` of each datum, or only its
+            :func:`khat_tail_size` largest (the rest do not change the result).
+        num_samples: ``K`` (default ``n``).
+
+    Returns:
+        ``(B,)`` float64.
+    """
+    with np.errstate(all="ignore"):  # weights of zero and failed fits give inf or nan, as in arviz
+        return _psis_khat(np.asarray(log_w, dtype=np.float64), num_samples or log_w.shape[1])
+
+
+def _psis_khat(log_w: np.ndarray, num_samples: int) -> np.ndarray:
+    x = np.sort(log_w, axis=1)
+    x = x - x[:, -1:]
+    cutoff_ind = -khat_tail_size(num_samples)
+    cutoff = np.maximum(x[:, cutoff_ind], _CUTOFF_MIN)
+    tail_len = (x > cutoff[:, None]).sum(1)
+    khat = np.full(len(x), np.inf)
+    regular = tail_len == -cutoff_ind - 1  # the usual case: exactly M weights above the cutoff
+    size = -cutoff_ind - 1
+    if regular.any() and size > 4:
+        rows = x[regular]
+        khat[regular] = _gpd_shape(np.exp(rows[:, -size:]) - np.exp(cutoff[regular])[:, None])
+    for b in np.flatnonzero(~regular & (tail_len > 4)):  # ties at the cutoff: a shorter tail
+        khat[b] = _gpd_shape(np.exp(x[b, -tail_len[b] :])[None] - np.exp(cutoff[b]))[0]
     return khat
+
+
+def _gpd_shape(y: np.ndarray) -> np.ndarray:
+    """Zhang & Stephens' (2009) estimate of the generalized Pareto shape, per row.
+
+    Arviz's ``_gpdfit`` for rows ``y`` ``(B, n)`` of ascending positive draws:
+    a grid of ``m = 30 + floor(sqrt(n))`` values of :math:`b = k / \\sigma`,
+    each with the profile estimate :math:`k(b) = \\operatorname{mean}\\log(1 - b y)`,
+    averaged with weights proportional to its profile likelihood; then the
+    weak prior :math:`(n k + 5) / (n + 10)`.
+    """
+    n = y.shape[1]
+    m = 30 + int(n**0.5)
+    b = 1 - np.sqrt(m / (np.arange(1, m + 1, dtype=np.float64) - 0.5))
+    b = b / (3 * y[:, int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)]) + 1 / y[:, -1:]  # (B, m)
+    k = np.log1p(-b[:, :, None] * y[:, None, :]).mean(axis=2)  # (B, m)
+    profile = n * (np.log(-(b / k)) - k - 1)
+    weights = 1 / np.exp(profile[:, None, :] - profile[:, :, None]).sum(axis=2)
+    kept = weights >= 10 * np.finfo(np.float64).eps  # negligible (or nan) weights are dropped
+    total = np.where(kept, weights, 0.0).sum(axis=1)
+    # b's posterior mean; 0 where no weight is left (arviz's empty sum: y all zero)
+    b_post = np.where(kept, b * weights, 0.0).sum(axis=1) / np.where(total > 0, total, 1.0)
+    k_post = np.log1p(-b_post[:, None] * y).mean(axis=1)
+    return (n * k_post + 5.0) / (n + 10)
 
 
 def iwae_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -364,20 +423,18 @@ def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
     """Per-datum Pareto-smoothed importance sampling shape :math:`\\hat k`, shape ``(B,)``.
 
     Fits a generalized Pareto distribution to the largest weights of each
-    datum (``arviz.psislw``). :math:`\\hat k < 0.5`: the variance of the weights
-    is finite; above 0.7 the estimate is unreliable (Vehtari et al. 2024).
-    NaN where ``K < 25`` (too few draws to fit the tail).
+    datum (:func:`psis_khat`, the computation of ``arviz.psislw``).
+    :math:`\\hat k < 0.5`: the variance of the weights is finite; above 0.7 the
+    estimate is unreliable (Vehtari et al. 2024). NaN where ``K < 25`` (too
+    few draws to fit the tail).
+
+    Args:
+        log_w: Log weights ``(K, B)``.
     """
     num_samples, batch = log_w.shape
     if num_samples < MIN_KHAT_SAMPLES:
         return np.full(batch, np.nan)
-    import arviz
-
-    values = log_w.T.detach().double().cpu().numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, khat = arviz.psislw(values, normalize=False)
-    return np.asarray(khat, dtype=np.float64).reshape(batch)
+    return psis_khat(log_w.T.detach().double().cpu().numpy())
 
 
 # --- how long an evaluation takes ----------------------------------------------

@@ -25,10 +25,12 @@ from pyro_vae.evaluate import (
     effective_sample_size,
     evaluate,
     iwae_bounds,
+    khat_tail_size,
     log_importance_weights,
     log_likelihood_mc_stderr,
     log_mean_exp,
     pareto_khat,
+    psis_khat,
     refine_posterior,
 )
 from pyro_vae.exact import linear_gaussian, log_likelihood_quadrature
@@ -220,6 +222,38 @@ def test_pareto_khat_separates_light_and_heavy_tailed_weights():
     assert np.mean(khat["narrow"]) > 0.75 and np.mean(khat["narrow"] > 0.7) > 0.6
     assert np.all(khat["wide"] < 0.5)
     assert np.isnan(pareto_khat(torch.zeros(10, 3))).all()  # too few draws for a tail fit
+
+
+def _arviz_khat(log_w):
+    import warnings
+
+    import arviz
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, khat = arviz.psislw(log_w.copy(), normalize=False)
+    return np.asarray(khat).reshape(len(log_w))
+
+
+def test_psis_khat_is_arviz_psislw_batched():
+    """pyro_vae's batched k-hat against arviz.psislw, the reference it ports."""
+    rng = np.random.default_rng(0)
+    for k in (25, 26, 101, 1000, 5000):
+        for scale in (0.1, 3.0, 50.0):
+            log_w = rng.standard_normal((20, k)) * scale + rng.standard_normal((20, 1)) * 100
+            want = _arviz_khat(log_w)
+            np.testing.assert_allclose(psis_khat(log_w), want, rtol=0, atol=1e-12)
+            tail = np.sort(log_w, axis=1)[:, -khat_tail_size(k) :]  # what evaluate keeps
+            np.testing.assert_allclose(psis_khat(tail, k), want, rtol=0, atol=1e-12)
+    edge = rng.standard_normal((7, 200))
+    edge[0] = 0.0  # all weights equal: no tail
+    edge[1, -50:] = 3.0  # ties across the cutoff
+    edge[2, :190] = -np.inf  # nearly all weights zero
+    edge[3] = -np.inf  # all weights zero
+    edge[4] = np.round(edge[4], 1)  # ties everywhere: shorter tails
+    edge[5] = np.linspace(0.0, 1.0, 200) * 1e-300  # equal weights to machine precision
+    edge[6] = rng.standard_cauchy(200) * 20
+    np.testing.assert_allclose(psis_khat(edge), _arviz_khat(edge), rtol=0, atol=1e-12)
 
 
 # --- gaps -----------------------------------------------------------------------
