@@ -344,16 +344,22 @@ def test_the_shared_binarized_mnist_run_resumes(tmp_path, shared_datasets):
     run = tmp_path / "standard-vae"
     shutil.copytree(source, run)
     done = len(pyro_vae.read_metrics(run))
+    old = torch.load(run / "checkpoint.pt", weights_only=False)  # written mid-epoch
+    steps = []
 
     def stop_soon(epoch, step, loss):
-        if step == 3:
+        steps.append((epoch, step))
+        if len(steps) == 3:
             raise KeyboardInterrupt
 
     os.environ.setdefault("PYRO_VAE_DATA", str(shared_datasets))
     with pytest.raises(pyro_vae.TrainingInterrupted):
         pyro_vae.resume(run, epochs=done + 5, on_step=stop_soon)
+    # it went on from the step where the old version stopped, and saved in today's format
+    assert steps[0] == (old["epoch"] + 1, old["step"] + 1)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert state["format"] == 2 and state["step"] == 3 and "strategy" in state
+    assert state["format"] == 2 and "strategy" in state
+    assert (state["epoch"], state["step"]) == (old["epoch"], old["step"] + 3)
 
 
 # --- one writer per run directory ----------------------------------------------------

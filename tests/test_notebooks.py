@@ -48,12 +48,13 @@ def test_the_course_is_complete():
 def test_plain_pytest_collects_every_notebook():
     # The default configuration (no path arguments: testpaths and addopts from
     # pyproject.toml) must collect each notebook. The test modules are left out of
-    # this collection (--ignore-glob) only to keep it quick: they do not decide
-    # whether notebooks are collected; -n 0 collects in this one process.
+    # this collection (--ignore-glob), and the conftest files are not loaded
+    # (--noconftest: tests/conftest.py imports torch), only to keep it quick: neither
+    # decides whether notebooks are collected; -n 0 collects in this one process.
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
     out = subprocess.run(
-        [*command, "-n", "0", "--ignore-glob", "tests/*"],
+        [*command, "-n", "0", "--noconftest", "--ignore-glob", "tests/*"],
         cwd=ROOT,
         capture_output=True,
         text=True,
