@@ -245,6 +245,8 @@ def test_psis_khat_is_arviz_psislw_batched():
             np.testing.assert_allclose(psis_khat(log_w), want, rtol=0, atol=1e-12)
             tail = np.sort(log_w, axis=1)[:, -khat_tail_size(k) :]  # what evaluate keeps
             np.testing.assert_allclose(psis_khat(tail, k), want, rtol=0, atol=1e-12)
+    many = rng.standard_normal((600, 100)) * 2  # more rows than one batch of the fit
+    np.testing.assert_allclose(psis_khat(many), _arviz_khat(many), rtol=0, atol=1e-12)
     edge = rng.standard_normal((7, 200))
     edge[0] = 0.0  # all weights equal: no tail
     edge[1, -50:] = 3.0  # ties across the cutoff
