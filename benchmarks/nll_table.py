@@ -200,12 +200,12 @@ def write_result(record: dict[str, Any], results: Path) -> Path:
 
 
 def read_results(results: Path) -> list[dict[str, Any]]:
-    """Every result record, in the order of :data:`ROWS`."""
-    records = {}
-    for path in sorted(results.glob("*.json")):
-        record = json.loads(path.read_text())
-        records[record["row"]] = record
-    return [records[r] for r in ROWS if r in records]
+    """The record of every row that has one (``<row>.json``), in the order of :data:`ROWS`.
+
+    Other files in the folder (such as ``torch-reference-noise.json``) are not rows.
+    """
+    paths = [results / f"{row}.json" for row in ROWS]
+    return [json.loads(path.read_text()) for path in paths if path.exists()]
 
 
 def _status(record: dict[str, Any]) -> str:
