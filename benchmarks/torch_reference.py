@@ -144,13 +144,45 @@ def train_torch(
     }
 
 
+def initial_model(config: Any) -> TorchVAE:
+    """The pair's starting point: a TorchVAE built right after seeding with ``train.seed``."""
+    torch.manual_seed(config.train.seed)
+    return TorchVAE(latent=config.model.latent_dim)
+
+
+def evaluate_vae(
+    vae: pyro_vae.VAE, x: torch.Tensor, config: Any, num_samples: int, progress: bool = False
+) -> Any:
+    """IS evaluation with the estimator settings of ``config.eval`` (those of ``evaluate_run``).
+
+    Same seed, batch and chunk sizes for every model, so per-datum log p(x) pair up.
+    """
+    from pyro_vae.evaluate import evaluate
+
+    return evaluate(
+        vae, x, num_samples=num_samples, seed=config.eval.seed,
+        batch_size=config.eval.batch_size, chunk_size=config.eval.chunk_size, split="test",
+        max_seconds=None, progress=progress,
+    )  # fmt: skip
+
+
+def evaluate_state(
+    run: Any, state: dict[str, torch.Tensor], x: torch.Tensor, config: Any, num_samples: int,
+    progress: bool = False,
+) -> Any:  # fmt: skip
+    """:func:`evaluate_vae` of a TorchVAE ``state``, loaded into the modules of ``run``."""
+    vae = pyro_vae.load(run)
+    vae.load_state_dict({**vae.state_dict(), **to_package(state)})
+    return evaluate_vae(vae, x, config, num_samples, progress)
+
+
 def run_row(args: Any, command: str) -> dict[str, Any]:
     """Train both sides for ``args.epochs`` (default 60), evaluate both, and compare them."""
     from nll_table import ROWS, result_record
 
     from pyro_vae.checkpoint import load_checkpoint
     from pyro_vae.environment import environment
-    from pyro_vae.evaluate import evaluate, paired_difference
+    from pyro_vae.evaluate import paired_difference
     from pyro_vae.train import load_data
 
     epochs = args.epochs or 60
@@ -160,8 +192,7 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
     prepared = load_data(config)
     data = {s: prepared.split(s).flatten(1) for s in ("train", "valid", "test")}
 
-    torch.manual_seed(config.train.seed)
-    reference = TorchVAE(latent=config.model.latent_dim)
+    reference = initial_model(config)
     initial = to_package(reference.state_dict())
 
     def same_start(vae: pyro_vae.VAE) -> None:
@@ -179,13 +210,7 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
     x = x.reshape(-1, 28, 28)
 
     def evaluate_torch(state: dict[str, torch.Tensor]) -> Any:
-        vae = pyro_vae.load(run)  # the package's modules, loaded with the plain loop's weights
-        vae.load_state_dict({**vae.state_dict(), **to_package(state)})
-        return evaluate(
-            vae, x, num_samples=k, seed=config.eval.seed, batch_size=config.eval.batch_size,
-            chunk_size=config.eval.chunk_size, split="test", max_seconds=None,
-            progress=not args.quiet,
-        )  # fmt: skip
+        return evaluate_state(run, state, x, config, k, progress=not args.quiet)
 
     def evaluate_pyro(checkpoint: str) -> Any:
         return pyro_vae.evaluate_run(

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch_reference import TorchVAE, to_package, train_torch
+from torch_reference import evaluate_state, evaluate_vae, initial_model, to_package, train_torch
 
 import pyro_vae
-from pyro_vae.evaluate import evaluate, paired_difference
+from pyro_vae.evaluate import paired_difference
 from pyro_vae.train import load_data
 
 ROOT = Path(__file__).resolve().parent
@@ -64,31 +64,21 @@ def main() -> None:
     epochs = args.epochs or config.train.epochs
     prepared = load_data(config)
     data = {s: prepared.split(s).flatten(1) for s in ("train", "valid", "test")}
-    torch.manual_seed(config.train.seed)  # the pair's initial weights (torch_reference.run_row)
-    initial = TorchVAE(latent=config.model.latent_dim).state_dict()
+    initial = initial_model(config).state_dict()  # the pair's initial weights
+    x = data["test"][: args.max_data].reshape(-1, 28, 28)
 
-    def evaluate_state(state: dict[str, torch.Tensor]) -> pyro_vae.Evaluation:
-        vae = pyro_vae.load(run)  # the package's modules, loaded with the plain loop's weights
-        vae.load_state_dict({**vae.state_dict(), **to_package(state)})
-        return evaluate_with(vae)
-
-    def evaluate_with(vae: pyro_vae.VAE) -> pyro_vae.Evaluation:
-        x = data["test"][: args.max_data].reshape(-1, 28, 28)
-        return evaluate(
-            vae, x, num_samples=args.num_samples, seed=config.eval.seed,
-            batch_size=config.eval.batch_size, chunk_size=config.eval.chunk_size,
-            split="test", max_seconds=None, progress=False,
-        )  # fmt: skip
+    def evaluate_best(run_dir: Path) -> pyro_vae.Evaluation:
+        """The best checkpoint of a package run, by the plain loop's estimator settings."""
+        return evaluate_vae(pyro_vae.load(run_dir, checkpoint="best"), x, config, args.num_samples)
 
     start = time.perf_counter()
     results, per_seed = {}, {}
     for seed in args.noise_seeds:
         if args.side == "torch":
-            model = TorchVAE(latent=config.model.latent_dim)
-            model.load_state_dict(initial)
+            model = initial_model(config)  # the pair's initial weights
             torch.manual_seed(seed)  # only the reparameterization noise changes
             trained = train_torch(model, data, config.train, epochs)
-            per_seed[seed] = evaluate_state(trained["state"])
+            per_seed[seed] = evaluate_state(run, trained["state"], x, config, args.num_samples)
             best_epoch = trained["best_epoch"]
         else:
             replicate = args.runs.expanduser() / f"torch-reference-pyro-noise{seed}"
@@ -101,13 +91,13 @@ def main() -> None:
                 config, train=dataclasses.replace(config.train, epochs=epochs)
             )
             pyro_vae.fit(fit, replicate, initialize=same_start, progress=False)
-            per_seed[seed] = evaluate_with(pyro_vae.load(replicate, checkpoint="best"))
+            per_seed[seed] = evaluate_best(replicate)
             history = pyro_vae.read_metrics(replicate)
             best_epoch = max(history, key=lambda r: r["valid_elbo"])["epoch"]
         name = f"{args.side}_noise_seed_{seed}"
         results[name] = {"nll": -per_seed[seed].summary["log_likelihood"], "best_epoch": best_epoch}
         print(f"{args.side}, noise seed {seed}: {results[name]}")
-    pyro = evaluate_with(pyro_vae.load(run, checkpoint="best"))
+    pyro = evaluate_best(run)
     results["pyro_vae"] = {"nll": -pyro.summary["log_likelihood"], "run": str(run)}
     a, b = args.noise_seeds
     side = args.side

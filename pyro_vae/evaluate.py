@@ -352,12 +352,11 @@ def psis_khat(log_w: np.ndarray, num_samples: int | None = None) -> np.ndarray:
 def _psis_khat(log_w: np.ndarray, num_samples: int) -> np.ndarray:
     x = np.sort(log_w, axis=1)
     x = x - x[:, -1:]
-    cutoff_ind = -khat_tail_size(num_samples)
-    cutoff = np.maximum(x[:, cutoff_ind], _CUTOFF_MIN)
+    size = khat_tail_size(num_samples) - 1  # M: the weights above the cutoff
+    cutoff = np.maximum(x[:, -size - 1], _CUTOFF_MIN)
     tail_len = (x > cutoff[:, None]).sum(1)
     khat = np.full(len(x), np.inf)
-    regular = tail_len == -cutoff_ind - 1  # the usual case: exactly M weights above the cutoff
-    size = -cutoff_ind - 1
+    regular = tail_len == size  # the usual case: no ties at the cutoff
     if size > 4:
         regular_rows = np.flatnonzero(regular)
         for start in range(0, len(regular_rows), _KHAT_ROWS):  # memory: rows x 44 x M floats
