@@ -12,6 +12,7 @@ import math
 import warnings
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -142,6 +143,31 @@ def test_meanfield_without_a_closed_form_warns_once_and_falls_back_to_monte_carl
     assert kl_estimator(objective) == "monte-carlo (fallback)"
     # Pyro's fallback is the Monte Carlo KL, the same estimate as Trace_ELBO on the same draw
     assert_same_value_and_gradient(vae, first, loss_of(trace_elbo(1), vae, x))
+
+
+@pytest.mark.parametrize("case", ["analytic", "analytic, 3 particles", "fallback", "free bits"])
+def test_analytic_kl_objectives_skip_only_the_latent_densities_they_never_read(case):
+    """With validation off (the trainer's hot loop) the traces omit log p(z) and log q(z|x)
+    where the KL is closed-form; value and gradient equal Pyro's path (validation on)."""
+    vae = mixture_vae() if case == "fallback" else normal_vae()
+    x = data()
+    if case == "free bits":
+        objective = mean_field_elbo(1, free_bits=float(mean_kl_per_dim(vae, x).median()))
+    else:
+        objective = mean_field_elbo(3 if "3" in case else 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallback's one warning
+        expected = loss_of(objective, vae, x, beta=0.3)  # Pyro's path (validation is on)
+        with pyro.validation_enabled(False):
+            loss = loss_of(objective, vae, x, beta=0.3)
+            model_trace, guide_trace = objective._get_trace(
+                vae.model, vae.guide, (x, INDEX, N, 0.3), {}
+            )
+    assert_same_value_and_gradient(vae, loss, expected)
+    skipped = case != "fallback"
+    assert ("log_prob" not in model_trace.nodes["z"]) is skipped
+    assert ("score_parts" not in guide_trace.nodes["z"]) is skipped
+    assert "log_prob" in model_trace.nodes["x"]
 
 
 def test_kl_estimator_of_each_objective():
