@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="evaluate the runs as they are")
     p.add_argument("--table-only", action="store_true", help="only regenerate the table")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--replicates", type=int, default=3, help="torch-reference: runs a side")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
     p.add_argument("--configs", type=Path, default=CONFIGS, help="folder of the row configs")
     p.add_argument("--table-file", type=Path, default=TABLE_FILE, help="Markdown file to update")

@@ -13,21 +13,32 @@ No Pyro anywhere in the loop.
 
 Side by side in one process, from the same initial weights and the same
 minibatch order: the package's trainer (``pyro_vae.fit``) for the same number
-of epochs, then this loop. Both best-validation models are evaluated by the
-same importance-sampling estimator on the same test data with the same
-seed, so the per-datum log p(x) pair up (``pyro_vae.paired_difference``).
+of epochs, then this loop; R times (``--replicates``, default 3), each
+replicate with its own reparameterization-noise seed, shared by its two
+sides (common random numbers: the guide's ``rsample`` and the loop's
+``randn_like`` draw the same ε, so the two sides of a replicate differ only
+in how they compute; the record keeps how far apart their last weights are). Every best-validation
+model is evaluated by the same importance-sampling estimator on the same
+test data with the same seed, so the per-datum log p(x) pair up
+(``pyro_vae.paired_difference``). One pair's paired SE holds evaluation
+noise only; two trainings that differ only in their noise land a few tenths
+of a nat apart, so the verdict compares the sides' means over R runs with
+the SE of the run-to-run spread. Existing replicates (``RUNS/torch-reference-pyro[-noiseR]``
+and ``RUNS/torch-reference-torch[-noiseR].pt``) are reused, not retrained.
 
 Usage (through the harness):
     PYRO_VAE_DATA=../shared/datasets python benchmarks/nll_table.py --rows torch-reference
-        --epochs 60 [--num-samples 1000] [--max-data N]
+        --epochs 60 [--replicates 3] [--num-samples 1000] [--max-data N]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,94 +187,168 @@ def evaluate_state(
     return evaluate_vae(vae, x, config, num_samples, progress)
 
 
+def replicate_paths(runs: Path, replicate: int) -> tuple[Path, Path]:
+    """Replicate ``r`` of the pair: the pyro-vae run folder and the plain loop's file."""
+    suffix = "" if replicate == 0 else f"-noise{replicate}"
+    return runs / f"torch-reference-pyro{suffix}", runs / f"torch-reference-torch{suffix}.pt"
+
+
+def train_replicate(
+    config: Any, data: dict[str, torch.Tensor], runs: Path, replicate: int, progress: bool
+) -> tuple[Path, dict[str, Any]]:
+    """Replicate ``r`` of the pair, trained or (when its files exist) reused.
+
+    Both sides start from :func:`initial_model`'s weights and draw the same
+    minibatch order (the generator seeded with ``train.seed``); only the
+    reparameterization noise differs between replicates: ``torch.manual_seed(r)``
+    right after the weights are set, on both sides.
+    """
+    run, torch_file = replicate_paths(runs, replicate)
+    initial = initial_model(config).state_dict()
+    if (run / "best.pt").exists():
+        print(f"torch-reference: replicate {replicate}: reusing {run}")
+    else:
+
+        def same_start(vae: pyro_vae.VAE) -> None:
+            vae.load_state_dict({**vae.state_dict(), **to_package(initial)})
+            torch.manual_seed(replicate)  # after fit's own seeding: only the noise changes
+
+        pyro_vae.fit(config, run, initialize=same_start, progress=progress)
+    if torch_file.exists():
+        print(f"torch-reference: replicate {replicate}: reusing {torch_file}")
+        result = torch.load(torch_file, weights_only=True)
+    else:
+        model = initial_model(config)
+        torch.manual_seed(replicate)
+        result = train_torch(model, data, config.train, config.train.epochs)
+        result["epochs"] = config.train.epochs
+        torch.save(result, torch_file)
+    return run, result
+
+
 def run_row(args: Any, command: str) -> dict[str, Any]:
-    """Train both sides for ``args.epochs`` (default 60), evaluate both, and compare them."""
+    r"""Train ``args.replicates`` pairs for ``args.epochs`` (default 60), evaluate, compare.
+
+    Every model (R per side) is evaluated by the same importance-sampling
+    estimator on the same test data with the same seed. Two comparisons:
+    the paired difference of replicate 0 (evaluation noise only: the test
+    data and the K draws), and the difference of the two sides' mean
+    −log p(x) over R replicates with its SE from the run-to-run spread,
+    :math:`\sqrt{s_{pyro}^2/R + s_{torch}^2/R}`, which contains the training
+    noise; the verdict reads the second (equal when within 2 SE). The time
+    ratio is the median epoch time of the pyro-vae runs over that of the
+    plain loop's (training steps only, validation excluded on both sides).
+    """
     from nll_table import ROWS, result_record
 
-    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.checkpoint import load_checkpoint, read_run_config
     from pyro_vae.environment import environment
     from pyro_vae.evaluate import paired_difference
     from pyro_vae.train import load_data
 
-    epochs = args.epochs or 60
+    epochs, replicates = args.epochs or 60, args.replicates
     config = pyro_vae.Config.load(args.configs / "standard.toml")
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
     config = pyro_vae.resolve(config)
     prepared = load_data(config)
     data = {s: prepared.split(s).flatten(1) for s in ("train", "valid", "test")}
+    runs = args.runs.expanduser()
+    runs.mkdir(parents=True, exist_ok=True)
+    x = data["test"][: args.max_data].reshape(-1, 28, 28)
+    load_before = os.getloadavg()
 
-    reference = initial_model(config)
-    initial = to_package(reference.state_dict())
+    for r in range(replicates):  # refuse before any training: a replicate of other epochs
+        run, torch_file = replicate_paths(runs, r)
+        trained = (
+            read_run_config(run).train.epochs if (run / "best.pt").exists() else epochs,
+            torch.load(torch_file, weights_only=True)["epochs"] if torch_file.exists() else epochs,
+        )
+        if trained != (epochs, epochs):
+            raise SystemExit(
+                f"replicate {r} was trained for {trained} epochs (pyro-vae, plain loop), not "
+                f"{epochs}: pass that --epochs, or move {run} and {torch_file} away"
+            )
+    pairs, apart = [], []
+    for r in range(replicates):
+        run, result = train_replicate(config, data, runs, r, progress=not args.quiet)
+        pyro_eval = evaluate_vae(pyro_vae.load(run, checkpoint="best"), x, config, args.num_samples)
+        torch_eval = evaluate_state(run, result["state"], x, config, args.num_samples)
+        pairs.append((run, result, pyro_eval, torch_eval))
+        last = pyro_vae.load(run, checkpoint="last").state_dict()
+        apart.append(
+            max(
+                float((last[k] - v).abs().max())
+                for k, v in to_package(result["last_state"]).items()
+            )
+        )
+        print(
+            f"torch-reference: replicate {r}: -log p(x) pyro-vae "
+            f"{-pyro_eval.summary['log_likelihood']:.2f}, plain loop "
+            f"{-torch_eval.summary['log_likelihood']:.2f}; last weights apart by {apart[-1]:.3g}"
+        )
 
-    def same_start(vae: pyro_vae.VAE) -> None:
-        vae.load_state_dict({**vae.state_dict(), **initial})
-
-    run = args.runs.expanduser() / "torch-reference-pyro"
-    if (run / "checkpoint.pt").exists():
-        raise SystemExit(f"{run} exists: move it away to measure the pair again")
-    pyro_result = pyro_vae.fit(config, run, initialize=same_start, progress=not args.quiet)
-    torch_result = train_torch(reference, data, config.train, epochs)
-
-    k, x = args.num_samples, data["test"]
-    if args.max_data:
-        x = x[: args.max_data]
-    x = x.reshape(-1, 28, 28)
-
-    def evaluate_torch(state: dict[str, torch.Tensor]) -> Any:
-        return evaluate_state(run, state, x, config, k, progress=not args.quiet)
-
-    def evaluate_pyro(checkpoint: str) -> Any:
-        return pyro_vae.evaluate_run(
-            run, checkpoint=checkpoint, num_samples=k, max_data=args.max_data,
-            max_seconds=None, progress=not args.quiet,
-        )  # fmt: skip
-
-    # the protocol's pair (each side's best validation epoch), then the same epoch on both
-    # sides (the last): the second has no selection noise in it
-    pyro_eval, torch_eval = evaluate_pyro("best"), evaluate_torch(torch_result["state"])
+    run, result, pyro_eval, torch_eval = pairs[0]
     paired = paired_difference(pyro_eval, torch_eval)
-    last = paired_difference(evaluate_pyro("last"), evaluate_torch(torch_result["last_state"]))
-    torch.save(
-        {"best": torch_result["state"], "last": torch_result["last_state"]},
-        run / "torch-reference-weights.pt",
-    )  # the plain loop's weights, beside the pyro-vae run they are paired with
-    pyro_seconds = [r["seconds"] for r in pyro_result.history]
-    ratio = statistics.median(pyro_seconds) / statistics.median(torch_result["seconds"])
+    nll_pyro = [-p[2].summary["log_likelihood"] for p in pairs]
+    nll_torch = [-p[3].summary["log_likelihood"] for p in pairs]
+    difference = statistics.mean(nll_pyro) - statistics.mean(nll_torch)
+    se = (
+        math.sqrt((statistics.variance(nll_pyro) + statistics.variance(nll_torch)) / replicates)
+        if replicates > 1
+        else math.nan
+    )
+    pyro_seconds = [r["seconds"] for p in pairs for r in pyro_vae.read_metrics(p[0])]
+    torch_seconds = [s for p in pairs for s in p[1]["seconds"]]
+    ratio = statistics.median(pyro_seconds) / statistics.median(torch_seconds)
 
     record = result_record("torch-reference", run, torch_eval.summary | {
-        "checkpoint": "best (plain loop)", "checkpoint_epoch": torch_result["best_epoch"],
+        "checkpoint": "best (plain loop)", "checkpoint_epoch": result["best_epoch"],
     }, command, args.configs)  # fmt: skip
-    state = load_checkpoint(run)
     record.update(
         {
-            "epochs": len(torch_result["seconds"]),
-            "best_epoch": torch_result["best_epoch"],
-            "wall_seconds": sum(torch_result["seconds"]),
+            "epochs": len(result["seconds"]),
+            "best_epoch": result["best_epoch"],
+            "wall_seconds": sum(result["seconds"]),
             "threads": torch.get_num_threads(),
-            "provenance": "plain PyTorch loop, same initial weights and protocol as the pair",
+            "provenance": (
+                "plain PyTorch loop (replicate 0), same initial weights, minibatch order "
+                "and protocol as its pyro-vae pair"
+            ),
             "pair": {
                 "pyro_vae_run": str(run),
-                "pyro_vae_nll": -pyro_eval.summary["log_likelihood"],
-                "pyro_vae_best_epoch": (state.get("best") or {}).get("epoch"),
+                "pyro_vae_nll": nll_pyro[0],
+                "pyro_vae_best_epoch": (load_checkpoint(run).get("best") or {}).get("epoch"),
                 "difference_pyro_minus_torch": paired["difference"],
                 "paired_se": paired["paired_se"],
                 "monte_carlo_se": paired["monte_carlo_se"],
                 "separate_se": paired["separate_se"],
+            },
+            "replicates": {
+                "count": replicates,
+                "noise_seeds": list(range(replicates)),
+                "nll_pyro_vae": nll_pyro,
+                "nll_plain_loop": nll_torch,
+                "best_epochs_pyro_vae": [
+                    (load_checkpoint(p[0]).get("best") or {}).get("epoch") for p in pairs
+                ],
+                "best_epochs_plain_loop": [p[1]["best_epoch"] for p in pairs],
+                "last_weights_max_abs_difference": apart,
+                "nll_difference_pyro_minus_torch": difference,
+                "nll_difference_se": se,
                 "median_epoch_seconds_pyro": statistics.median(pyro_seconds),
-                "median_epoch_seconds_torch": statistics.median(torch_result["seconds"]),
+                "median_epoch_seconds_torch": statistics.median(torch_seconds),
                 "time_ratio_pyro_over_torch": ratio,
-                "last_epoch_difference_pyro_minus_torch": last["difference"],
-                "last_epoch_paired_se": last["paired_se"],
+                "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
             },
             "target": None,
             "published": ROWS["torch-reference"][1],
             "versions": {"trained_with": environment("cpu"), "evaluated_with": environment("cpu")},
         }
     )
-    within = abs(paired["difference"]) <= 2 * paired["paired_se"]
+    within = abs(difference) <= 2 * se
     record["verdict"] = (
-        f"pyro-vae {'equal' if within else 'not equal'}: Δ {paired['difference']:+.2f} ± "
-        f"{paired['paired_se']:.2f} (best epochs), {last['difference']:+.2f} ± "
-        f"{last['paired_se']:.2f} (last epoch); time {ratio:.2f}× at {epochs} epochs"
+        f"pyro-vae {'equal' if within else 'not equal'} within training noise: −log p(x) "
+        f"{difference:+.2f} ± {se:.2f} nats ({replicates} runs a side); "
+        f"time {ratio:.2f}× at {epochs} epochs"
     )
     return record
