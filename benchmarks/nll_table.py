@@ -219,14 +219,26 @@ def _status(record: dict[str, Any]) -> str:
 
 
 def render_table(records: list[dict[str, Any]]) -> str:
-    """The Markdown table of the result records (what ``BENCHMARKS.md`` holds between markers)."""
+    """The Markdown table of the result records (what ``BENCHMARKS.md`` holds between markers).
+
+    One line per row of :data:`ROWS`, in that order; a row without a record reads "not run".
+    """
     head = (
         "| row | -log p(x) (nats) | SE over data | Monte Carlo SE | -ELBO | K, test data | target "
         "| status | epochs (evaluated) | training time | threads | k̂ > 0.7 | published |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for r in records:
+    by_row = {r["row"]: r for r in records}
+    for row in ROWS:
+        if row not in by_row:  # a row that has spent no budget yet says so
+            goal = ROWS[row][0]
+            lines.append(
+                f"| `{row}` | - | - | - | - | - | {'-' if goal is None else f'≤ {goal}'} "
+                f"| not run (`--rows {row}`) | 0 | 0 h | - | - | {ROWS[row][1]} |"
+            )
+            continue
+        r = by_row[row]
         target = f"≤ {r['target']}" if r.get("target") is not None else "-"
         khat = r.get("khat_fraction_above_0_7")
         threads = r.get("threads")

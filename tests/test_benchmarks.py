@@ -64,6 +64,7 @@ def test_the_harness_trains_evaluates_writes_and_tabulates(tmp_path):
     text = table.read_text()
     assert "old" not in text and text.endswith(f"{nll_table.END}\ntail\n")
     assert "not comparable: 20 test data" in text
+    assert "| `vamp` | - |" in text and "not run (`--rows vamp`)" in text  # no record yet
     # a second call resumes the run (nothing to train: already at its epochs) and evaluates again
     assert nll_table.main(argv) == 0
     assert json.loads((tmp_path / "results" / "standard.json").read_text())["epochs"] == 1
