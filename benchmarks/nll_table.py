@@ -202,7 +202,7 @@ def write_result(record: dict[str, Any], results: Path) -> Path:
 def read_results(results: Path) -> list[dict[str, Any]]:
     """The record of every row that has one (``<row>.json``), in the order of :data:`ROWS`.
 
-    Other files in the folder (such as ``torch-reference-noise.json``) are not rows.
+    Other files in the folder are not rows.
     """
     paths = [results / f"{row}.json" for row in ROWS]
     return [json.loads(path.read_text()) for path in paths if path.exists()]
