@@ -242,7 +242,6 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
     from nll_table import ROWS, result_record
 
     from pyro_vae.checkpoint import load_checkpoint, read_run_config
-    from pyro_vae.environment import environment
     from pyro_vae.evaluate import paired_difference
     from pyro_vae.train import load_data
 
@@ -342,7 +341,6 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
             },
             "target": None,
             "published": ROWS["torch-reference"][1],
-            "versions": {"trained_with": environment("cpu"), "evaluated_with": environment("cpu")},
         }
     )
     within = abs(difference) <= 2 * se
