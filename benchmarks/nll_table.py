@@ -305,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run = prepare_run(row, args.runs.expanduser(), args.seed_runs)
                 if not args.no_train:
-                    train_row(row, run, args.epochs, not args.quiet, args.configs)
+                    import pyro_vae
+
+                    try:
+                        train_row(row, run, args.epochs, not args.quiet, args.configs)
+                    except pyro_vae.TrainingInterrupted as e:  # Ctrl-C: the run is saved
+                        print(f"{row}: {e}; the same command resumes it", file=sys.stderr)
+                        return 130
                 summary = evaluate_row(run, args.num_samples, args.max_data, not args.quiet)
                 record = result_record(row, run, summary, command, args.configs)
             path = write_result(record, args.results)
