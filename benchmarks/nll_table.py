@@ -218,6 +218,10 @@ def _status(record: dict[str, Any]) -> str:
     return "**reached**" if reached else f"not yet ({record['nll'] - target:+.2f} nats)"
 
 
+def _target(goal: float | None) -> str:
+    return "-" if goal is None else f"≤ {goal}"
+
+
 def render_table(records: list[dict[str, Any]]) -> str:
     """The Markdown table of the result records (what ``BENCHMARKS.md`` holds between markers).
 
@@ -232,14 +236,13 @@ def render_table(records: list[dict[str, Any]]) -> str:
     by_row = {r["row"]: r for r in records}
     for row in ROWS:
         if row not in by_row:  # a row that has spent no budget yet says so
-            goal = ROWS[row][0]
             lines.append(
-                f"| `{row}` | - | - | - | - | - | {'-' if goal is None else f'≤ {goal}'} "
+                f"| `{row}` | - | - | - | - | - | {_target(ROWS[row][0])} "
                 f"| not run (`--rows {row}`) | 0 | 0 h | - | - | {ROWS[row][1]} |"
             )
             continue
         r = by_row[row]
-        target = f"≤ {r['target']}" if r.get("target") is not None else "-"
+        target = _target(r.get("target"))
         khat = r.get("khat_fraction_above_0_7")
         threads = r.get("threads")
         lines.append(
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         import torch
 
+        import pyro_vae
+
         if args.threads:
             torch.set_num_threads(args.threads)
         command = "python benchmarks/nll_table.py " + shlex.join(argv or sys.argv[1:])
@@ -305,8 +310,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run = prepare_run(row, args.runs.expanduser(), args.seed_runs)
                 if not args.no_train:
-                    import pyro_vae
-
                     try:
                         train_row(row, run, args.epochs, not args.quiet, args.configs)
                     except pyro_vae.TrainingInterrupted as e:  # Ctrl-C: the run is saved

@@ -296,6 +296,7 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
         if replicates > 1
         else math.nan
     )
+    best_pyro = [(load_checkpoint(p[0]).get("best") or {}).get("epoch") for p in pairs]
     pyro_seconds = [r["seconds"] for p in pairs for r in pyro_vae.read_metrics(p[0])]
     torch_seconds = [s for p in pairs for s in p[1]["seconds"]]
     ratio = statistics.median(pyro_seconds) / statistics.median(torch_seconds)
@@ -308,7 +309,6 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
             "epochs": len(result["seconds"]),
             "best_epoch": result["best_epoch"],
             "wall_seconds": sum(result["seconds"]),
-            "threads": torch.get_num_threads(),
             "provenance": (
                 "plain PyTorch loop (replicate 0), same initial weights, minibatch order "
                 "and protocol as its pyro-vae pair"
@@ -316,7 +316,7 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
             "pair": {
                 "pyro_vae_run": str(run),
                 "pyro_vae_nll": nll_pyro[0],
-                "pyro_vae_best_epoch": (load_checkpoint(run).get("best") or {}).get("epoch"),
+                "pyro_vae_best_epoch": best_pyro[0],
                 "difference_pyro_minus_torch": paired["difference"],
                 "paired_se": paired["paired_se"],
                 "monte_carlo_se": paired["monte_carlo_se"],
@@ -327,9 +327,7 @@ def run_row(args: Any, command: str) -> dict[str, Any]:
                 "noise_seeds": list(range(replicates)),
                 "nll_pyro_vae": nll_pyro,
                 "nll_plain_loop": nll_torch,
-                "best_epochs_pyro_vae": [
-                    (load_checkpoint(p[0]).get("best") or {}).get("epoch") for p in pairs
-                ],
+                "best_epochs_pyro_vae": best_pyro,
                 "best_epochs_plain_loop": [p[1]["best_epoch"] for p in pairs],
                 "last_weights_max_abs_difference": apart,
                 "nll_difference_pyro_minus_torch": difference,
