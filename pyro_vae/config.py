@@ -232,7 +232,10 @@ class TrainConfig(_Section):
         num_particles: Samples of z per datum in the ELBO estimate (vectorized).
         beta: KL weight β after warm-up (1 is the ELBO; Higgins et al. 2017).
         kl_warmup_epochs: Epochs W of linear KL warm-up: epoch e has weight
-            :math:`\\beta \\min(1, (e-1)/W)`; 0 means none.
+            :math:`\\beta \\min(1, s + (e-1)/W)`; 0 means none.
+        kl_warmup_start: The warm-up's weight s in its first epoch, as a fraction
+            of β (0 by default; ``1 / kl_warmup_epochs`` is the VampPrior paper's
+            :math:`\\min(1, e/W)`).
         free_bits: Per-dimension KL floor λ in nats (Kingma et al. 2016); ``meanfield`` only.
         epochs: Passes over the training data.
         batch_size: Minibatch size.
@@ -277,6 +280,7 @@ class TrainConfig(_Section):
     device: str = "cpu"
     beta: float = 1.0
     kl_warmup_epochs: int = 0
+    kl_warmup_start: float = 0.0
     free_bits: float = 0.0
     method: str = "svi"
     e_steps: int = 5
@@ -304,6 +308,10 @@ class TrainConfig(_Section):
         ):  # fmt: skip
             if not 0 <= getattr(self, key) < float("inf"):
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {getattr(self, key)}")
+        if not 0 <= self.kl_warmup_start <= 1:
+            raise ConfigError(
+                f"train.kl_warmup_start must be in [0, 1], got {self.kl_warmup_start}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
                 f"train.lr_schedule: unknown schedule {self.lr_schedule!r}; "

@@ -411,17 +411,21 @@ def kl_estimator(objective: ELBO) -> str:
     return "monte-carlo"
 
 
-def kl_weight(beta: float, warmup_epochs: int, epoch: int) -> float:
+def kl_weight(beta: float, warmup_epochs: int, epoch: int, start: float = 0.0) -> float:
     r"""The KL weight of ``epoch`` (1-based): β with a linear warm-up.
 
     .. math::
 
-        \beta_e = \beta \cdot \min\bigl(1, (e - 1) / W\bigr),
+        \beta_e = \beta \cdot \min\bigl(1, s + (e - 1) / W\bigr),
 
-    0 in the first epoch, β from epoch :math:`W + 1` on; :math:`W = 0` means
-    β throughout (Bowman et al. 2016, "Generating sentences from a continuous
-    space"; Sønderby et al. 2016, "Ladder variational autoencoders").
+    :math:`s\beta` in the first epoch (``start`` :math:`s`, 0 by default), rising
+    by :math:`\beta / W` an epoch to β; :math:`W = 0` means β throughout
+    (Bowman et al. 2016, "Generating sentences from a continuous space";
+    Sønderby et al. 2016, "Ladder variational autoencoders"). :math:`s = 1/W`
+    is the schedule :math:`\beta_e = \beta \min(1, e / W)` of the VampPrior
+    paper's code (Tomczak & Welling 2018), whose first epoch already weighs the
+    KL: with :math:`s = 0` nothing bounds the guide's variances in epoch 1.
     """
     if warmup_epochs <= 0:
         return float(beta)
-    return float(beta) * min(1.0, (epoch - 1) / warmup_epochs)
+    return float(beta) * min(1.0, (start * warmup_epochs + epoch - 1) / warmup_epochs)

@@ -762,7 +762,9 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Encountered NaN")
                 for epoch in range(epoch_done + 1, cfg.train.epochs + 1):
                     vae.train()
-                    beta = kl_weight(cfg.train.beta, cfg.train.kl_warmup_epochs, epoch)
+                    beta = kl_weight(
+                        cfg.train.beta, cfg.train.kl_warmup_epochs, epoch, cfg.train.kl_warmup_start
+                    )
                     start = time.perf_counter()
                     if perm is None:
                         perm = torch.randperm(n, generator=generator, device=device)

@@ -172,6 +172,8 @@ BAD = [
     ("[train]\nbeta = -1.0", "train.beta must be finite and >= 0"),
     ("[train]\nbeta = inf", "train.beta must be finite and >= 0"),
     ("[train]\nkl_warmup_epochs = -2", "train.kl_warmup_epochs must be"),
+    ("[train]\nkl_warmup_start = 1.5", "train.kl_warmup_start must be in \\[0, 1\\], got 1.5"),
+    ("[train]\nkl_warmup_start = nan", "train.kl_warmup_start must be in \\[0, 1\\], got nan"),
     ("[train]\nfree_bits = -0.5", "train.free_bits must be"),
     ("[train]\nfree_bits = '0.5'", "train.free_bits: expected float, got str"),
     ("[model.likelihood]\nscale = 0.1", "model.likelihood: missing required key 'name'"),

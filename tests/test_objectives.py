@@ -380,6 +380,18 @@ def test_kl_weight_warms_up_linearly():
     assert kl_weight(1.0, 1, 1) == 0.0 and kl_weight(1.0, 1, 2) == 1.0
 
 
+def test_kl_warmup_start_gives_the_first_epoch_weight_and_the_vampprior_schedule():
+    # s = 1/W is min(1, e/W), the VampPrior paper's code; exactly, epoch by epoch
+    assert [kl_weight(1.0, 100, e, 0.01) for e in range(1, 150)] == [
+        min(1.0, e / 100) for e in range(1, 150)
+    ]
+    assert [kl_weight(2.0, 4, e, 0.5) for e in range(1, 6)] == [1.0, 1.5, 2.0, 2.0, 2.0]
+    assert kl_weight(1.0, 0, 1, 0.5) == 1.0  # no warm-up: start has nothing to do
+    assert [kl_weight(2.0, 4, e, 0.0) for e in range(1, 4)] == [
+        kl_weight(2.0, 4, e) for e in (1, 2, 3)
+    ]
+
+
 def tiny_npz(tmp_path, shape=(4, 4), n=40):
     rng = np.random.default_rng(0)
     path = tmp_path / "tiny.npz"
@@ -403,6 +415,10 @@ def test_fit_records_beta_and_the_kl_estimator(tmp_path):
     assert {r["kl_estimator"] for r in result.history} == {"analytic"}
     assert pyro_vae.read_metrics(tmp_path / "run") == result.history
     assert not hasattr(result.vae, "kl_scale")  # β is an argument of the model, not a field
+    started = pyro_vae.fit(
+        tiny_config(tmp_path, epochs=3, beta=0.5, kl_warmup_epochs=2, kl_warmup_start=0.5)
+    )
+    assert [r["beta"] for r in started.history] == [0.25, 0.5, 0.5]
     for r in result.history:  # the test ELBO is the plain ELBO whatever β was
         assert r["test_elbo"] == pytest.approx(r["test_reconstruction"] - r["test_kl"])
 
