@@ -16,6 +16,12 @@ loop of :mod:`torch_reference`). For every row the harness
    ``BENCHMARKS.md`` from every ``benchmarks/results/*.json``
    (``tests/test_benchmarks.py`` checks that they agree).
 
+``--candidate`` tries a change of a row before it replaces the row: it trains
+``configs/benchmarks/candidates/ROW.toml`` in ``RUNS/candidates/ROW`` (no seed
+run), writes ``RUNS/candidate-results/ROW.json`` and leaves the table alone.
+A candidate that beats its row becomes it: its config replaces the row's, its
+run folder moves to ``RUNS/ROW``, and the next call evaluates and tabulates it.
+
 Usage:
     PYRO_VAE_DATA=../shared/datasets python benchmarks/nll_table.py [--rows standard,vamp]
         [--runs DIR] [--epochs N] [--no-train] [--table-only]
@@ -39,6 +45,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = ROOT / "configs" / "benchmarks"
+CANDIDATES = "candidates"  # CONFIGS / CANDIDATES: changes of a row tried before they replace it
 RESULTS = HERE / "results"
 TABLE_FILE = ROOT / "BENCHMARKS.md"
 DEFAULT_RUNS = Path("~/.cache/pyro-vae/bench").expanduser()
@@ -274,7 +281,9 @@ def table_in(table_file: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default all)")
+    p.add_argument(
+        "--rows", help="comma-separated rows (default all; with --candidate, all it has)"
+    )
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run folders (outside the repo)")
     p.add_argument("--seed-runs", type=Path, default=DEFAULT_SEEDS, help="runs to start from")
     p.add_argument("--epochs", type=int, help="cap on each row's total epochs in this call")
@@ -287,12 +296,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
     p.add_argument("--configs", type=Path, default=CONFIGS, help="folder of the row configs")
     p.add_argument("--table-file", type=Path, default=TABLE_FILE, help="Markdown file to update")
+    p.add_argument(
+        "--candidate",
+        action="store_true",
+        help=f"train the rows' configs in {CANDIDATES}/ of --configs, in RUNS/{CANDIDATES}; "
+        f"results to RUNS/candidate-results, the table untouched",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown row {unknown[0]!r}; valid: {', '.join(ROWS)}")
+    if args.candidate:
+        configs = args.configs / CANDIDATES
+        have = sorted(f.stem for f in configs.glob("*.toml") if f.stem in ROWS)
+        rows = rows if args.rows else have
+        missing = [r for r in rows if r not in have or r == "torch-reference"]
+        if args.table_only or missing:
+            p.error(
+                "--candidate trains and evaluates candidates and tabulates none; "
+                + (f"no candidate for row {missing[0]!r}; " if missing else "")
+                + f"candidates ({configs}): {', '.join(have) or 'none'}"
+            )
+        runs = args.runs.expanduser()
+        args.configs, args.runs = configs, runs / CANDIDATES
+        args.results, args.seed_runs = runs / "candidate-results", None
     if not args.table_only:
         import torch
 
@@ -320,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             path = write_result(record, args.results)
             minutes = (time.perf_counter() - start) / 60
             print(f"{row}: -log p(x) {record['nll']:.2f} ({minutes:.1f} min); wrote {path}")
+    if args.candidate:
+        return 0
     update_table(args.results, args.table_file)
     print(f"updated the table in {args.table_file}")
     return 0

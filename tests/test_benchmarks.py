@@ -36,6 +36,11 @@ def test_every_row_config_loads():
         config = pyro_vae.Config.load(nll_table.row_config(row))
         assert config.data.name == "binarized-mnist"
         assert config.model.latent_dim == 40 and config.train.batch_size == 100
+    for path in (nll_table.CONFIGS / nll_table.CANDIDATES).glob("*.toml"):
+        assert path.stem in nll_table.ROWS, path  # a candidate is one row's
+        config = pyro_vae.Config.load(path)
+        assert config.data.name == "binarized-mnist"
+        assert config.model.latent_dim == 40 and config.train.batch_size == 100
 
 
 def test_the_harness_trains_evaluates_writes_and_tabulates(tmp_path):
@@ -68,3 +73,31 @@ def test_the_harness_trains_evaluates_writes_and_tabulates(tmp_path):
     # a second call resumes the run (nothing to train: already at its epochs) and evaluates again
     assert nll_table.main(argv) == 0
     assert json.loads((tmp_path / "results" / "standard.json").read_text())["epochs"] == 1
+
+
+def test_a_candidate_trains_apart_and_leaves_the_table_alone(tmp_path, capsys):
+    configs = tmp_path / "configs"
+    (configs / nll_table.CANDIDATES).mkdir(parents=True)
+    (configs / nll_table.CANDIDATES / "vamp.toml").write_text(
+        '[model]\nlatent_dim = 2\n[model.encoder]\nname = "mlp"\nhidden = [16]\n'
+        '[model.decoder]\nname = "gated-mlp"\nhidden = [16]\n[train]\nepochs = 1\n'
+    )
+    table = tmp_path / "B.md"
+    table.write_text(f"{nll_table.START}\nold\n{nll_table.END}\n")
+    common = ["--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    common += ["--table-file", str(table), "--configs", str(configs), "--quiet"]
+    # refused before any work: a row without a candidate, and --table-only
+    for extra in (["--rows", "standard"], ["--table-only"]):
+        with pytest.raises(SystemExit) as e:
+            nll_table.main([*common, "--candidate", *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "candidates (" in err and err.endswith("vamp"), err
+    assert not (tmp_path / "runs").exists()
+    argv = [*common, "--candidate", "--num-samples", "10", "--max-data", "20"]  # rows: all it has
+    assert nll_table.main(argv) == 0
+    record = json.loads((tmp_path / "runs" / "candidate-results" / "vamp.json").read_text())
+    assert record["row"] == "vamp" and record["epochs"] == 1
+    assert record["config"].endswith("candidates/vamp.toml")
+    assert (tmp_path / "runs" / "candidates" / "vamp" / "checkpoint.pt").exists()
+    assert not (tmp_path / "results").exists() and "old" in table.read_text()
