@@ -85,6 +85,21 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
     of the ``(K, D)`` ones; any other layout falls back to the broadcast.
     """
 
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        """Draws ``sample_shape + batch_shape + (D,)``: a component k ~ π, then z ~ N(m_k, s_k²).
+
+        ``MixtureSameFamily.sample`` draws from every component and keeps one,
+        ``K`` times the work (500x for the VampPrior); this draws the chosen
+        component's Normal only, the same distribution.
+        """
+        normal = self.component_distribution.base_dist
+        loc, scale = _unexpanded(normal.loc, 2), _unexpanded(normal.scale, 2)
+        if loc is None or scale is None:
+            return super().sample(sample_shape)
+        with torch.no_grad():
+            k = self.mixture_distribution.sample(sample_shape)  # sample + batch shape
+            return torch.normal(loc[k], scale[k])
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """``log p(value)`` for ``value`` of shape ``(..., D)``: shape ``broadcast(..., batch)``."""
         normal = self.component_distribution.base_dist
