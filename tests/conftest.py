@@ -5,11 +5,19 @@ from pathlib import Path
 # process a test starts (notebook kernels, CLI subprocesses, torchrun ranks)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pyro  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# torch and pyro are imported where a test needs them, not here: with -n 2 the
+# controller process loads this file too, runs no test, and starts the workers
+# once it is loaded (importing torch first would delay them by about 3 s).
+
+
+def pytest_collection(session: pytest.Session) -> None:
+    """In each process that runs tests (not an xdist controller): one torch thread."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -17,6 +25,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 @pytest.fixture(autouse=True)
 def _clean_pyro_state():
     """Every test starts with an empty param store, validation on, and a fixed seed."""
+    import pyro
+    import torch
+
     pyro.clear_param_store()
     pyro.enable_validation(True)
     torch.manual_seed(0)
@@ -35,6 +46,8 @@ def shared_datasets() -> Path:
 
 def devices() -> list:
     """CPU always; CUDA when available (the CUDA case skips otherwise)."""
+    import torch
+
     return [
         "cpu",
         pytest.param(
@@ -64,6 +77,8 @@ def tiny_run(tmp_path_factory):
 
     Read-only: a test that writes into a run directory copies it first.
     """
+    import torch
+
     import pyro_vae
 
     run_dir = tmp_path_factory.mktemp("shared") / "tiny"

@@ -99,7 +99,7 @@ def test_notebook_follows_the_course_format(path):
 def test_full_mode_turns_the_smoke_flag_off(monkeypatch):
     monkeypatch.setenv(course.SMOKE_ENV, "1")
     monkeypatch.setenv(course.FULL_ENV, "1")
-    runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))
+    runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))["pytest_collection"]()
     assert not course.smoke()
 
 
@@ -107,7 +107,7 @@ def test_notebook_conftest_turns_the_smoke_flag_on(monkeypatch):
     monkeypatch.setenv(course.SMOKE_ENV, "0")  # monkeypatch restores the environment after
     monkeypatch.delenv(course.FULL_ENV, raising=False)
     assert not course.smoke()
-    runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))
+    runpy.run_path(str(ROOT / "notebooks" / "conftest.py"))["pytest_collection"]()
     assert os.environ[course.SMOKE_ENV] == "1"
     assert course.smoke()
 
