@@ -19,8 +19,8 @@ loop of :mod:`torch_reference`). For every row the harness
 ``--candidate`` tries a change of a row before it replaces the row: it trains
 ``configs/benchmarks/candidates/ROW.toml`` in ``RUNS/candidates/ROW`` (no seed
 run), writes ``RUNS/candidate-results/ROW.json`` and leaves the table alone.
-A candidate that beats its row becomes it: its config replaces the row's, its
-run folder moves to ``RUNS/ROW``, and the next call evaluates and tabulates it.
+A candidate that beats its row becomes it with ``--promote ROW``
+(:func:`promote`), without training or evaluating again.
 
 Usage:
     PYRO_VAE_DATA=../shared/datasets python benchmarks/nll_table.py [--rows standard,vamp]
@@ -279,6 +279,50 @@ def table_in(table_file: Path) -> str:
     return text.split(START, 1)[1].split(END, 1)[0].lstrip("\n")
 
 
+def promote(row: str, configs: Path, runs: Path, results: Path) -> str:
+    """Make ``row``'s evaluated candidate the row; a one-line account of what moved.
+
+    The candidate's config replaces ``configs/ROW.toml``; the row's run folder
+    moves to ``RUNS/ROW-replaced`` and the candidate's to ``RUNS/ROW``; its
+    record, naming the new config and folder, becomes ``results/ROW.json``
+    (the evaluation is the candidate's: its versions, threads and seconds).
+    Everything is checked before anything moves.
+
+    Raises:
+        ValueError: no candidate config, run or record; a record of another
+            checkpoint than the run's best; ``RUNS/ROW-replaced`` exists.
+    """
+    config, run = configs / CANDIDATES / f"{row}.toml", runs / CANDIDATES / row
+    found = runs / "candidate-results" / f"{row}.json"
+    replaced = runs / f"{row}-replaced"
+    for path, what in ((config, "config"), (run, "run"), (found, "result")):
+        if not path.exists():
+            raise ValueError(
+                f"--promote {row}: no candidate {what} {path}; train it with --candidate"
+            )
+    record = json.loads(found.read_text())
+    if record.get("best_epoch") != record.get("evaluated_epoch") or not (run / "best.pt").exists():
+        raise ValueError(
+            f"--promote {row}: {found} evaluated epoch {record.get('evaluated_epoch')}, not the "
+            f"run's best ({record.get('best_epoch')}); evaluate it again with --candidate"
+        )
+    if (runs / row).exists() and replaced.exists():
+        raise ValueError(f"--promote {row}: {replaced} exists; move it away first")
+    old = results / f"{row}.json"
+    before = f"{json.loads(old.read_text())['nll']:.2f}" if old.exists() else "none"
+    if (runs / row).exists():
+        (runs / row).rename(replaced)
+    run.rename(runs / row)
+    config.replace(configs / f"{row}.toml")
+    record.update(config=_shown(configs / f"{row}.toml"), run_dir=str(runs / row))
+    write_result(record, results)
+    return (
+        f"{row}: the candidate is the row (-log p(x) {record['nll']:.2f}, was {before}); "
+        f"its config is {configs / f'{row}.toml'}, its run {runs / row}"
+        + (f"; the old run is {replaced}" if replaced.exists() else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -302,8 +346,24 @@ def main(argv: list[str] | None = None) -> int:
         help=f"train the rows' configs in {CANDIDATES}/ of --configs, in RUNS/{CANDIDATES}; "
         f"results to RUNS/candidate-results, the table untouched",
     )
+    p.add_argument(
+        "--promote",
+        metavar="ROW",
+        help="make ROW's evaluated candidate the row (config, run folder, record) and tabulate",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.promote:
+        if args.promote not in ROWS:
+            p.error(f"unknown row {args.promote!r}; valid: {', '.join(ROWS)}")
+        try:
+            print(promote(args.promote, args.configs, args.runs.expanduser(), args.results))
+        except ValueError as e:
+            print(f"nll_table.py: error: {e}", file=sys.stderr)
+            return 2
+        update_table(args.results, args.table_file)
+        print(f"updated the table in {args.table_file}")
+        return 0
     rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,45 @@ def test_a_candidate_trains_apart_and_leaves_the_table_alone(tmp_path, capsys):
     assert record["config"].endswith("candidates/vamp.toml")
     assert (tmp_path / "runs" / "candidates" / "vamp" / "checkpoint.pt").exists()
     assert not (tmp_path / "results").exists() and "old" in table.read_text()
+
+
+def test_promote_makes_an_evaluated_candidate_the_row_without_evaluating_again(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, **{k: (rng.random((n, 4, 4)) < 0.3).astype(np.float32)
+                      for k, n in (("train", 60), ("valid", 20), ("test", 20))})  # fmt: skip
+    configs, runs, results = tmp_path / "configs", tmp_path / "runs", tmp_path / "results"
+    (configs / nll_table.CANDIDATES).mkdir(parents=True)
+    candidate = (
+        f'[data]\nname = "npz:{data}"\n[model]\nlatent_dim = 2\n[model.encoder]\nname = "mlp"\n'
+        'hidden = [8]\n[model.decoder]\nname = "gated-mlp"\nhidden = [8]\n[train]\nepochs = 2\n'
+    )
+    (configs / nll_table.CANDIDATES / "vamp.toml").write_text(candidate)
+    (configs / "vamp.toml").write_text("# the old row\n")
+    (runs / "vamp").mkdir(parents=True)  # the old row's run
+    results.mkdir()
+    (results / "vamp.json").write_text(json.dumps({"row": "vamp", "nll": 99.0}))
+    table = tmp_path / "B.md"
+    table.write_text(f"{nll_table.START}\nold\n{nll_table.END}\n")
+    common = ["--runs", str(runs), "--results", str(results), "--table-file", str(table)]
+    common += ["--configs", str(configs), "--quiet"]
+    assert nll_table.main([*common, "--promote", "vamp"]) == 2  # nothing trained yet
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no candidate run" in err[0] and "--candidate" in err[0], err
+    assert (configs / "vamp.toml").read_text() == "# the old row\n"  # nothing moved
+    assert nll_table.main([*common, "--candidate", "--num-samples", "10"]) == 0
+    evaluated = json.loads((runs / "candidate-results" / "vamp.json").read_text())
+    assert nll_table.main([*common, "--promote", "vamp"]) == 0
+    assert (configs / "vamp.toml").read_text() == candidate
+    assert not (configs / nll_table.CANDIDATES / "vamp.toml").exists()
+    assert (runs / "vamp" / "best.pt").exists() and (runs / "vamp-replaced").is_dir()
+    record = json.loads((results / "vamp.json").read_text())
+    assert record["config"].endswith("configs/vamp.toml") and record["run_dir"] == str(
+        runs / "vamp"
+    )
+    unchanged = {k: v for k, v in record.items() if k not in ("config", "run_dir")}
+    assert unchanged == {k: v for k, v in evaluated.items() if k not in ("config", "run_dir")}
+    assert f"| {record['nll']:.2f} |" in table.read_text()
+    # a second promotion finds no candidate and moves nothing
+    assert nll_table.main([*common, "--promote", "vamp"]) == 2
+    assert (runs / "vamp" / "best.pt").exists()
