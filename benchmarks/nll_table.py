@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = ROOT / "configs" / "benchmarks"
 CANDIDATES = "candidates"  # CONFIGS / CANDIDATES: changes of a row tried before they replace it
+CANDIDATE_RESULTS = "candidate-results"  # RUNS / CANDIDATE_RESULTS: their records
 RESULTS = HERE / "results"
 TABLE_FILE = ROOT / "BENCHMARKS.md"
 DEFAULT_RUNS = Path("~/.cache/pyro-vae/bench").expanduser()
@@ -293,7 +294,7 @@ def promote(row: str, configs: Path, runs: Path, results: Path) -> str:
             checkpoint than the run's best; ``RUNS/ROW-replaced`` exists.
     """
     config, run = configs / CANDIDATES / f"{row}.toml", runs / CANDIDATES / row
-    found = runs / "candidate-results" / f"{row}.json"
+    found = runs / CANDIDATE_RESULTS / f"{row}.json"
     replaced = runs / f"{row}-replaced"
     for path, what in ((config, "config"), (run, "run"), (found, "result")):
         if not path.exists():
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "--candidate",
         action="store_true",
         help=f"train the rows' configs in {CANDIDATES}/ of --configs, in RUNS/{CANDIDATES}; "
-        f"results to RUNS/candidate-results, the table untouched",
+        f"results to RUNS/{CANDIDATE_RESULTS}, the table untouched",
     )
     p.add_argument(
         "--promote",
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         runs = args.runs.expanduser()
         args.configs, args.runs = configs, runs / CANDIDATES
-        args.results, args.seed_runs = runs / "candidate-results", None
+        args.results, args.seed_runs = runs / CANDIDATE_RESULTS, None
     if not args.table_only:
         import torch
 
