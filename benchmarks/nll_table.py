@@ -311,7 +311,8 @@ def promote(row: str, configs: Path, runs: Path, results: Path) -> str:
         raise ValueError(f"--promote {row}: {replaced} exists; move it away first")
     old = results / f"{row}.json"
     before = f"{json.loads(old.read_text())['nll']:.2f}" if old.exists() else "none"
-    if (runs / row).exists():
+    moved = (runs / row).exists()
+    if moved:
         (runs / row).rename(replaced)
     run.rename(runs / row)
     config.replace(configs / f"{row}.toml")
@@ -320,7 +321,7 @@ def promote(row: str, configs: Path, runs: Path, results: Path) -> str:
     return (
         f"{row}: the candidate is the row (-log p(x) {record['nll']:.2f}, was {before}); "
         f"its config is {configs / f'{row}.toml'}, its run {runs / row}"
-        + (f"; the old run is {replaced}" if replaced.exists() else "")
+        + (f"; the old run is {replaced}" if moved else "")
     )
 
 
